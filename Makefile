@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (whole chain on the embedded sample) and `make test`.
+# Both create/refresh .venv. torch is pinned to the CPU build that lies on this machine's disk;
+# the project itself accepts torch>=2.5.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+CONFIG ?= configs/demo.yaml
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipeline sample --config $(CONFIG)
+	$(PY) -m pipeline build --config $(CONFIG)
+	$(PY) -m pipeline shard --config $(CONFIG)
+	$(PY) -m pipeline inspect --config $(CONFIG)
+	$(PY) -m train fit --config $(CONFIG)
+	$(PY) -m train evaluate --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) data/demo runs/demo

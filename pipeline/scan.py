@@ -1,0 +1,128 @@
+"""Wind-scan orders (DESIGN.md "Exact scan rule"), vectorised over time steps and regions.
+
+All regions share a shape, so the within-region order depends only on the region's sector: one
+lookup table of `sectors + 1` local permutations (row 0 = calm = raster) turns a (T, regions)
+sector array into (T, tokens) scan orders with a single gather, no Python loop over regions.
+Inputs are on the cell grid with latitude ascending (row 0 = south), u east, v north.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+ScanMode = Literal["regional", "global", "none"]
+
+
+def region_mean_wind(u: np.ndarray, v: np.ndarray, cells_per_region: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitude-weighted mean wind per region: sum(w*u)/sum(w), w = |wind|; shape (..., RY, RX).
+
+    A region whose cells are all still (sum(w) = 0) gets (0, 0), i.e. calm.
+    """
+    ch, cw = cells_per_region
+    *lead, h, w = u.shape
+    ry, rx = h // ch, w // cw
+    u64, v64 = u.astype(np.float64), v.astype(np.float64)
+    speed = np.hypot(u64, v64)
+
+    def block_sum(a: np.ndarray) -> np.ndarray:
+        return a.reshape(*lead, ry, ch, rx, cw).sum(axis=(-3, -1))
+
+    wsum = block_sum(speed)
+    safe = np.where(wsum > 0, wsum, 1.0)
+    return block_sum(speed * u64) / safe, block_sum(speed * v64) / safe
+
+
+def snap_sector(u_mean: np.ndarray, v_mean: np.ndarray, sectors: int, calm_threshold: float) -> np.ndarray:
+    """Nearest of theta_k = 2*pi*k/sectors to atan2(v, u) (lower k on an exact tie); -1 when calm."""
+    theta = np.arctan2(v_mean, u_mean)[..., None]
+    centres = 2 * np.pi * np.arange(sectors) / sectors
+    diff = np.mod(theta - centres, 2 * np.pi)
+    dist = np.minimum(diff, 2 * np.pi - diff)
+    sector = np.argmin(dist, axis=-1).astype(np.int8)  # argmin returns the first (lowest k) minimum
+    calm = np.hypot(u_mean, v_mean) < calm_threshold
+    return np.where(calm, np.int8(-1), sector)
+
+
+def local_orders(rows: int, cols: int, sectors: int) -> np.ndarray:
+    """(sectors + 1, rows*cols) local raster indices in scan order; row 0 is calm (raster order).
+
+    Patch centre (c, r) counted from the south-west patch; p = round(c cos(theta) + r sin(theta), 9),
+    stable ascending sort (upwind first, ties in raster order).
+    """
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    table = np.empty((sectors + 1, rows * cols), dtype=np.int64)
+    table[0] = np.arange(rows * cols)
+    for k in range(sectors):
+        theta = 2 * np.pi * k / sectors
+        proj = np.round(c * np.cos(theta) + r * np.sin(theta), 9)
+        table[k + 1] = np.argsort(proj, kind="stable")
+    return table
+
+
+def order_dtype(n_tokens: int) -> np.dtype:
+    """int16 while every token index fits, else int32 (DESIGN.md)."""
+    return np.dtype(np.int16) if n_tokens <= 32767 else np.dtype(np.int32)
+
+
+def orders_from_sectors(sector: np.ndarray, patch_grid: tuple[int, int], regions: tuple[int, int], sectors: int) -> np.ndarray:
+    """(..., RY*RX) sectors -> (..., tokens) sequence-position -> spatial-token orders.
+
+    Regions follow each other in raster order, so a region's tokens are contiguous.
+    """
+    gh, gw = patch_grid
+    ry, rx = regions
+    rh, rw = gh // ry, gw // rx
+    table = local_orders(rh, rw, sectors)  # (S+1, rh*rw)
+    lr, lc = np.divmod(table, rw)
+    local_token = lr * gw + lc  # local index -> offset from the region's south-west token
+    greg_r, greg_c = np.divmod(np.arange(ry * rx), rx)
+    base = greg_r * rh * gw + greg_c * rw  # (R,) token index of each region's south-west patch
+    sector = np.asarray(sector)
+    order = base[:, None] + local_token[sector.astype(np.int64) + 1]  # (..., R, rh*rw)
+    return order.reshape(*sector.shape[:-1], gh * gw).astype(order_dtype(gh * gw))
+
+
+def scan_orders(
+    u: np.ndarray,
+    v: np.ndarray,
+    patch_size: int,
+    regions: tuple[int, int],
+    sectors: int = 16,
+    calm_threshold: float = 0.5,
+    mode: ScanMode = "regional",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scan orders and region sectors for cell-grid winds of shape (..., H, W).
+
+    Returns (orders (..., tokens), sectors (..., regions)); `global` treats the grid as one region,
+    `none` is the identity with every region marked calm.
+    """
+    *lead, h, w = u.shape
+    if u.shape != v.shape:
+        raise ValueError(f"u {u.shape} and v {v.shape} differ in shape")
+    gh, gw = h // patch_size, w // patch_size
+    if mode == "none":
+        order = np.broadcast_to(np.arange(gh * gw, dtype=order_dtype(gh * gw)), (*lead, gh * gw)).copy()
+        return order, np.full((*lead, 1), -1, dtype=np.int8)
+    grid_regions = (1, 1) if mode == "global" else tuple(regions)
+    ry, rx = grid_regions
+    um, vm = region_mean_wind(u, v, (h // ry, w // rx))
+    sector = snap_sector(um, vm, sectors, calm_threshold).reshape(*lead, ry * rx)
+    return orders_from_sectors(sector, (gh, gw), grid_regions, sectors), sector
+
+
+def patch_mean(a: np.ndarray, patch_size: int) -> np.ndarray:
+    """(..., H, W) -> (..., tokens): mean over each patch, raster token order."""
+    *lead, h, w = a.shape
+    p = patch_size
+    blocks = a.reshape(*lead, h // p, p, w // p, p)
+    return blocks.mean(axis=(-3, -1), dtype=np.float64).reshape(*lead, (h // p) * (w // p))
+
+
+def patch_std(a: np.ndarray, patch_size: int) -> np.ndarray:
+    """(..., H, W) -> (..., tokens): population std over each patch."""
+    *lead, h, w = a.shape
+    p = patch_size
+    blocks = a.reshape(*lead, h // p, p, w // p, p)
+    return blocks.std(axis=(-3, -1), dtype=np.float64).reshape(*lead, (h // p) * (w // p))
