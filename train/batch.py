@@ -1,0 +1,92 @@
+"""`Batch` and its assembly from decoded samples: normalisation, lead selection and loss masks.
+
+Assembly runs inside the loader workers, so the training loop receives ready tensors. Targets are
+normalised with the manifest's statistics of the target variables; `mask` is True where the target
+is finite AND the static loss mask counts the cell, and `y` is 0 wherever `mask` is False, so a
+masked loss never touches a NaN (0 * NaN would still be NaN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """One batch. Train mode: y/mask (B,P,H,W), lead_times (B,); eval mode: y/mask (B,n_leads,P,H,W),
+    lead_times (n_leads,). `valid` (B,) is False for eval padding rows (their mask is all False)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    lead_times: torch.Tensor
+    scan_order: torch.Tensor
+    scan_order_global: torch.Tensor
+    wind_speed: torch.Tensor
+    valid: torch.Tensor
+    keys: list[str]
+    times: list[str]
+    skipped_shards: list[str]
+
+    def _map(self, fn: Any) -> "Batch":
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Called by torch's DataLoader when pin_memory=True (custom types must pin themselves)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def order_for(self, scan: Literal["regional", "global", "none"]) -> torch.Tensor | None:
+        """The (B, L) scan order for a model's `scan` setting; None means identity (spatial order)."""
+        if scan == "regional":
+            return self.scan_order
+        if scan == "global":
+            return self.scan_order_global
+        if scan == "none":
+            return None
+        raise ValueError(f"unknown scan {scan!r}: use 'regional', 'global' or 'none'")
+
+
+def assemble(samples: list[dict[str, Any] | None], static: Any, lead_index: np.ndarray | None,
+             skipped_shards: list[str]) -> Batch:
+    """Decoded samples (None = eval padding) -> Batch. `lead_index` (B,) picks one lead per sample
+    (train); None keeps all leads (eval)."""
+    v, (h, w) = len(static.variables), static.grid
+    n_leads, p, n_tok = len(static.leads_h), len(static.targets), len(static.patch_elevation)
+    b = len(samples)
+    valid = np.array([s is not None for s in samples])
+    x = np.zeros((b, v, h, w), dtype=np.float32)
+    target = np.full((b, n_leads, p, h, w), np.nan, dtype=np.float32)
+    order = np.broadcast_to(np.arange(n_tok, dtype=np.int64), (b, n_tok)).copy()
+    order_global, wind = order.copy(), np.zeros((b, n_tok), dtype=np.float32)
+    keys, times = [""] * b, [""] * b
+    for i, s in enumerate(samples):
+        if s is None:
+            continue
+        x[i], target[i] = s["input.npy"], s["target.npy"]
+        order[i], order_global[i], wind[i] = s["scan_order.npy"], s["scan_order_global.npy"], s["wind_speed.npy"]
+        keys[i], times[i] = s["__key__"], s["meta.json"]["time"]
+    x = (x - static.input_mean[:, None, None]) / static.input_std[:, None, None]
+    x[~valid] = 0.0
+    leads = np.asarray(static.leads_h, dtype=np.float32)
+    if lead_index is not None:
+        target, lead_times = target[np.arange(b), lead_index], leads[lead_index]
+        tm, ts = static.target_mean[:, None, None], static.target_std[:, None, None]
+    else:
+        lead_times = leads
+        tm, ts = static.target_mean[None, :, None, None], static.target_std[None, :, None, None]
+    mask = np.isfinite(target) & static.loss_mask
+    y = np.where(mask, (target - tm) / ts, 0.0).astype(np.float32)
+    return Batch(
+        x=torch.from_numpy(x.astype(np.float32)), y=torch.from_numpy(y), mask=torch.from_numpy(mask),
+        lead_times=torch.from_numpy(lead_times), scan_order=torch.from_numpy(order),
+        scan_order_global=torch.from_numpy(order_global), wind_speed=torch.from_numpy(wind),
+        valid=torch.from_numpy(valid), keys=keys, times=times, skipped_shards=list(skipped_shards),
+    )
