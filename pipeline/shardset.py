@@ -153,14 +153,10 @@ def validate_shard_set(path: str | Path) -> list[str]:
     if not manifest["complete"]:
         problems.append("the shard set is incomplete (writing was interrupted): rerun `python -m pipeline shard`")
     for split, record in manifest["splits"].items():
-        total = 0
         for shard in record["shards"]:
             problem = shard_problem(root / shard["name"], shard["bytes"], shard["sha256"])
-            if problem:
-                problems.append(problem)
-                continue
-            problems.extend(_tar_problems(root / shard["name"], split, shard["count"]))
-            total += shard["count"]
+            problems.extend([problem] if problem else _tar_problems(root / shard["name"], split, shard["count"]))
+        total = sum(shard["count"] for shard in record["shards"])
         if record["complete"] and total + len(record["dropped"]) != record["n_times"]:
             problems.append(f"split {split}: {total} samples + {len(record['dropped'])} dropped "
                             f"!= {record['n_times']} input times")
