@@ -109,3 +109,30 @@ def tiny_config(tiny_config_path: Path) -> PipelineConfig:
 def tiny_source(tiny_config: PipelineConfig) -> xr.Dataset:
     """The tiny synthetic raw source, written to tiny_config.data.raw."""
     return write_synthetic_source(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig:
+    """A real `build_features` run on the tiny synthetic source, built once per session.
+
+    Returns its config (cfg.data.store is the store, cfg.data.shards where `tiny_shards` writes).
+    shard.max_count is 4, so the train split (24 steps) has 6 shards: enough for 2 ranks x 2 workers.
+    Read-only: copy it before modifying.
+    """
+    from pipeline.build import build_features
+
+    root = tmp_path_factory.mktemp("tiny_store")
+    raw = tiny_raw_config(root)
+    raw["shard"] = {"max_count": 4}
+    cfg = load_pipeline_config(write_config(raw, root / "tiny.yaml"))
+    write_synthetic_source(cfg)
+    build_features(cfg, progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_store: PipelineConfig) -> Path:
+    """The shard set of `tiny_store` (directory holding manifest.json); read-only, copy before modifying."""
+    from pipeline.shard import write_shards
+
+    return write_shards(tiny_store, progress=False).parent
