@@ -166,15 +166,33 @@ class DataConfig(Strict):
         return [v.name for v in self.variables]
 
 
+class SlurmConfig(Strict):
+    """dask-jobqueue SLURMCluster settings for `build --cluster slurm` (one Dask worker process per job).
+
+    Example (`build.slurm` in the YAML): {queue: cpu, account: proj123, cores: 16, memory: 64GB,
+    walltime: "02:00:00", jobs: 4}.
+    """
+
+    queue: str | None = Field(default=None, description="SLURM partition (#SBATCH -p); None = site default")
+    account: str | None = Field(default=None, description="SLURM account (#SBATCH -A); None = user default")
+    cores: int = Field(default=8, gt=0, description="cores per job = threads of its Dask worker")
+    memory: str = Field(default="32GB", description="memory per job, e.g. 64GB")
+    walltime: str = Field(default="02:00:00", description="HH:MM:SS per job")
+    jobs: int = Field(default=2, gt=0, description="SLURM jobs (= Dask workers) to start")
+
+
 class BuildConfig(Strict):
     """How `python -m pipeline build` runs: chunking, cluster, Zarr format."""
 
     time_chunk: int = Field(default=24, gt=0, description="time steps per Zarr chunk = per resumable block")
     zarr_format: Literal[2, 3] = 3
+    cluster: Literal["local", "slurm"] = Field(default="local", description="where workers run unless --scheduler")
     n_workers: int | None = Field(default=None, description="LocalCluster workers; None = one per core")
     threads_per_worker: int = 1
+    processes: bool = Field(default=True, description="LocalCluster worker processes (False = threads in-process)")
     memory_limit: str = "auto"
     compressor_level: int = Field(default=5, ge=0, le=9)
+    slurm: SlurmConfig = SlurmConfig()
 
 
 class ShardConfig(Strict):

@@ -1,0 +1,62 @@
+"""Where the build's Dask graph runs: a LocalCluster, an existing scheduler, or SLURM via dask-jobqueue."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import numcodecs.blosc
+from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pipeline.config import BuildConfig, SlurmConfig
+
+
+class BloscThreadsOff(WorkerPlugin):
+    """Blosc's own thread pool fights Dask's worker threads for cores; Dask already parallelises chunks."""
+
+    name = "blosc-threads-off"
+
+    def setup(self, worker) -> None:  # noqa: ANN001 - distributed passes its Worker
+        numcodecs.blosc.use_threads = False
+
+
+def slurm_cluster(slurm: SlurmConfig):  # noqa: ANN201 - dask_jobqueue is imported lazily
+    """A SLURMCluster with one single-process Dask worker per job (threads = cores)."""
+    from dask_jobqueue import SLURMCluster
+
+    return SLURMCluster(
+        queue=slurm.queue,
+        account=slurm.account,
+        cores=slurm.cores,
+        processes=1,
+        memory=slurm.memory,
+        walltime=slurm.walltime,
+    )
+
+
+@contextlib.contextmanager
+def dask_client(build: BuildConfig, scheduler: str | None = None) -> Iterator[Client]:
+    """Client on `scheduler` (an address) if given, else on the cluster `build.cluster` names; closed on exit."""
+    with contextlib.ExitStack() as stack:
+        if scheduler:
+            client = stack.enter_context(Client(scheduler))
+        elif build.cluster == "slurm":
+            cluster = stack.enter_context(slurm_cluster(build.slurm))
+            cluster.scale(jobs=build.slurm.jobs)
+            client = stack.enter_context(Client(cluster))
+        else:
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=build.n_workers,
+                    threads_per_worker=build.threads_per_worker,
+                    processes=build.processes,
+                    memory_limit=build.memory_limit,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
+            )
+            client = stack.enter_context(Client(cluster))
+        client.register_plugin(BloscThreadsOff())
+        yield client
