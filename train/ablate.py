@@ -1,0 +1,86 @@
+"""`python -m train ablate`: train every configured variant with every seed and tabulate val loss.
+
+Each (variant, seed) trains in its own run directory under ablate.run_dir, so an interrupted
+ablation restarts where it stopped: finished runs are reused, a run with a last.ckpt resumes.
+The verdict compares against the reference experiment's criteria (baseline 0.3557, target < 0.32)
+and against the no-physics arm of this very ablation, which is the comparison that transfers to
+any dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.checkpoint import LAST
+from train.config import ExperimentConfig, load_experiment_config
+from train.distributed import DistEnv, init_distributed
+from train.fit import fit
+
+log = logging.getLogger("train")
+
+
+def _summary(losses: list[float]) -> tuple[float, float]:
+    arr = np.asarray(losses, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def verdict(results: dict[str, list[float]], cfg: ExperimentConfig) -> str:
+    """One line: the best variant against the reference criteria and against the first (control) arm."""
+    a = cfg.ablate
+    means = {name: _summary(losses)[0] for name, losses in results.items()}
+    best = min(means, key=means.get)
+    control = a.variants[0].name
+    meets = "MEETS" if means[best] < a.target_val_loss else "does NOT meet"
+    beats = "below" if means[best] < a.baseline_val_loss else "not below"
+    gain = (means[control] - means[best]) / means[control] * 100 if means[control] else 0.0
+    return (f"Verdict: best variant `{best}` (val loss {means[best]:.4f}) {meets} the reference target "
+            f"< {a.target_val_loss} and is {beats} the reference baseline {a.baseline_val_loss}; "
+            f"{gain:+.1f}% relative to `{control}` ({means[control]:.4f}).")
+
+
+def table(results: dict[str, list[float]], seeds: list[int]) -> str:
+    lines = ["| variant | val loss (mean +- std) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    for name, losses in results.items():
+        mean, std = _summary(losses)
+        lines.append(f"| {name} | {mean:.4f} +- {std:.4f} | " + " | ".join(f"{v:.4f}" for v in losses) + " |")
+    return "\n".join(lines)
+
+
+def ablate(config_path: Path, overrides: list[str], *, progress: bool = True, env: DistEnv | None = None) -> Path:
+    """Run all variants x seeds; write ablation.md and ablation.json into ablate.run_dir; return the .md path."""
+    env = env or init_distributed()
+    cfg = load_experiment_config(config_path, overrides)
+    root = Path(cfg.ablate.run_dir)
+    results: dict[str, list[float]] = {}
+    for variant in cfg.ablate.variants:
+        results[variant.name] = []
+        for seed in cfg.ablate.seeds:
+            run_dir = root / variant.name / f"seed{seed}"
+            run_cfg = load_experiment_config(
+                config_path, [*overrides, *variant.overrides, f"train.seed={seed}", f"train.run_dir={run_dir}"])
+            log.info("ablation %s seed %d -> %s", variant.name, seed, run_dir)
+            result = fit(run_cfg, resume=(run_dir / LAST).is_file(), progress=progress, env=env)
+            if result.best_val_loss is None:
+                raise RuntimeError(f"ablation run {run_dir} produced no finite validation loss: see its train.log")
+            results[variant.name].append(result.best_val_loss)
+    summary: dict[str, Any] = {
+        "seeds": cfg.ablate.seeds,
+        "val_loss": results,
+        "mean_std": {k: _summary(v) for k, v in results.items()},
+        "verdict": verdict(results, cfg),
+    }
+    md = root / "ablation.md"
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "ablation.json").write_text(json.dumps(summary, indent=2))
+        md.write_text(f"# Ablation ({len(cfg.ablate.seeds)} seeds, best val loss per run)\n\n"
+                      f"{table(results, cfg.ablate.seeds)}\n\n{summary['verdict']}\n")
+        print(table(results, cfg.ablate.seeds))
+        print(summary["verdict"])
+    return md

@@ -1,0 +1,360 @@
+"""`python -m train fit`: the DDP training loop.
+
+Step accounting: one optimiser step = `accumulate` micro-batches; an epoch is the loader's
+`len()` (equal on every rank by construction) rounded down to whole optimiser steps, so every rank
+performs the same collectives and none can hang. Exact resume: last.ckpt holds the model,
+optimiser, scheduler, scaler, step, the loader position and every rank's RNG state; a run killed
+anywhere restarts from it and replays the same batches with the same random numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from model import load_pretrained
+from train.checkpoint import LAST, best_checkpoints, check_same_grid, load_checkpoint, rng_state, save_atomic, set_rng_state, update_best
+from train.config import ExperimentConfig
+from train.data import Batch, ShardStream, Static, load_static
+from train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from train.loss import latitude_weights, weighted_mse, weighted_sq_sums
+from train.net import build_model, check_shards_match
+from train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the batch keys."""
+
+
+@dataclass
+class FitResult:
+    """What a finished fit leaves behind (the model is the unwrapped module, on its device)."""
+
+    run_dir: Path
+    step: int
+    best_val_loss: float | None
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    model: nn.Module
+
+
+def setup_logging(run_dir: Path, is_main: bool) -> None:
+    """Rank 0 logs to stderr and run_dir/train.log; other ranks only warn."""
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    if is_main and not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == (run_dir / "train.log").resolve()
+                           for h in log.handlers):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+
+
+def autocast(env: DistEnv, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA; CPU runs fp32 (CPU autocast is slower than fp32 there)."""
+    if env.device.type == "cuda" and precision != "fp32":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def forward(net: nn.Module, batch: Batch, static: Static, scan: str, lead_times: torch.Tensor | None = None) -> torch.Tensor:
+    """The model on one batch (normalised in and out), scan order chosen by the model config."""
+    lead = batch.lead_times if lead_times is None else lead_times
+    return net(batch.x, lead, static.variables, batch.order_for(scan), batch.wind_speed)
+
+
+@torch.no_grad()
+def validate(net: nn.Module, loader: ShardStream, static: Static, cfg: ExperimentConfig, env: DistEnv,
+             lat_w: torch.Tensor) -> float:
+    """Lat-weighted MSE over the whole val split and every lead, summed across ranks before dividing."""
+    net.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for i, batch in enumerate(loader):
+        if cfg.train.val_batches is not None and i >= cfg.train.val_batches:
+            break
+        batch = batch.to(env.device, non_blocking=True)
+        for li, lead in enumerate(batch.lead_times):
+            with autocast(env, cfg.train.precision):
+                preds = forward(net, batch, static, cfg.model.scan, lead.expand(batch.x.shape[0]))
+            num, den = weighted_sq_sums(preds, batch.y[:, li], batch.mask[:, li], lat_w)
+            sums += torch.stack([num, den]).double()
+    net.train()
+    all_reduce_sum(sums)
+    return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
+
+
+def loader_workers(static: Static, split: str, world_size: int, wanted: int) -> int:
+    """Workers for a split, lowered so every (rank, worker) reader owns at least one shard."""
+    shards = len(static.manifest["splits"][split]["shards"])
+    return min(wanted, max(shards // world_size, 1)) if wanted else 0
+
+
+def _trainable_after_freeze(net: nn.Module, newly_initialised: list[str]) -> None:
+    """Freeze everything loaded from init_from except the head: train the head and what was missing."""
+    keep = set(newly_initialised)
+    for name, param in net.named_parameters():
+        param.requires_grad = name in keep or name.startswith("head.")
+    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    log.info("freeze_backbone: %d of %d parameters trainable (%s + head)", n_train,
+             sum(p.numel() for p in net.parameters()), sorted(keep) or "nothing new")
+
+
+class ScalarLog:
+    """CSV (run_dir/metrics.csv) + TensorBoard scalars, rank 0 only; columns fixed at start."""
+
+    def __init__(self, run_dir: Path, alpha_names: list[str], resume_step: int | None) -> None:
+        self.path = run_dir / "metrics.csv"
+        self.columns = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s",
+                        *[f"alpha/{n}" for n in alpha_names]]
+        if resume_step is not None and self.path.is_file():  # drop rows the killed run wrote after its checkpoint
+            with open(self.path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        else:
+            rows = []
+        with open(self.path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, self.columns).writerow({k: row.get(k, "") for k in self.columns})
+        for key, value in row.items():
+            if key not in ("step", "epoch") and value is not None:
+                self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def alpha_scalars(net: nn.Module) -> dict[str, float]:
+    """Physics alpha per block (and head when per-head) as named floats."""
+    out = {}
+    for name, value in net.physics_alphas().items():
+        flat = value.detach().float().flatten().cpu()
+        if flat.numel() == 1:
+            out[name] = float(flat[0])
+        else:
+            out.update({f"{name}/{h}": float(v) for h, v in enumerate(flat)})
+    return out
+
+
+def _gather_rng(env: DistEnv) -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank order), so a resumed DDP run continues each rank's stream."""
+    state = rng_state()
+    if not env.distributed:
+        return [state]
+    states: list[Any] = [None] * env.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+class Trainer:
+    """One fit: builds data, model and optimiser, runs the loop, writes logs and checkpoints."""
+
+    def __init__(self, cfg: ExperimentConfig, env: DistEnv, resume: bool, progress: bool) -> None:
+        self.cfg, self.env, self.progress = cfg, env, progress
+        tcfg = cfg.train
+        self.run_dir = Path(tcfg.run_dir)
+        setup_logging(self.run_dir, env.is_main)
+        self.static = load_static(cfg.data.shards)
+        check_shards_match(cfg.data, self.static)
+        workers = loader_workers(self.static, "train", env.world_size, tcfg.num_workers)
+        self.train_loader = ShardStream(cfg.data.shards, "train", tcfg.batch_size, mode="train", seed=tcfg.seed,
+                                        rank=env.rank, world_size=env.world_size, num_workers=workers,
+                                        shuffle_buffer=tcfg.shuffle_buffer, strict=tcfg.strict_data)
+        self.val_loader = ShardStream(cfg.data.shards, "val", tcfg.eval_batch_size, mode="eval", rank=env.rank,
+                                      world_size=env.world_size,
+                                      num_workers=loader_workers(self.static, "val", env.world_size, tcfg.num_workers),
+                                      strict=tcfg.strict_data)
+        self.steps_per_epoch = len(self.train_loader) // tcfg.accumulate
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"an epoch has {len(self.train_loader)} batches per rank, fewer than train.accumulate="
+                             f"{tcfg.accumulate}: lower accumulate or batch_size")
+        self.total_steps = tcfg.max_steps or tcfg.epochs * self.steps_per_epoch
+        self.lat_w = latitude_weights(self.static.lat).to(env.device)
+
+        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        self.net = build_model(cfg.model, self.static).to(env.device)
+        torch.manual_seed(tcfg.seed + 7919 * (env.rank + 1))  # per-rank stream for dropout / drop-path
+        last = self.run_dir / LAST
+        self.step, self.epoch, self.best = 0, 0, math.inf
+        ckpt = load_checkpoint(last) if resume else None
+        if resume and ckpt is not None:
+            check_same_grid(ckpt, cfg.data.model_dump(mode="json"), last)
+        if tcfg.init_from is not None and ckpt is None:
+            report = load_pretrained(self.net, tcfg.init_from)
+            log.info("init_from %s: %s", tcfg.init_from, report)
+            if tcfg.freeze_backbone:
+                _trainable_after_freeze(self.net, list(report.missing))
+        elif tcfg.freeze_backbone and ckpt is not None:
+            _trainable_after_freeze(self.net, ckpt["trainable"])
+        self.trainable = [n for n, p in self.net.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.net, tcfg)
+        self.scheduler = build_scheduler(self.optimizer, tcfg, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=env.device.type == "cuda" and tcfg.precision == "fp16")
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.model: nn.Module = self.net
+        if env.distributed:
+            self.model = DistributedDataParallel(self.net, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        self.alpha_names = list(alpha_scalars(self.net))
+        self.log = ScalarLog(self.run_dir, self.alpha_names, self.step if resume else None) if env.is_main else None
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch, self.best = int(ckpt["step"]), int(ckpt["epoch"]), float(ckpt["best_val_loss"])
+        self.train_loader.load_state_dict(ckpt["loader"])
+        states = ckpt["rng"]
+        if len(states) != self.env.world_size:
+            raise ValueError(f"last.ckpt was written by {len(states)} process(es), this run has {self.env.world_size}: "
+                             "resume with the same number of processes")
+        set_rng_state(states[self.env.rank])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.run_dir / LAST, self.step, self.epoch,
+                 self.train_loader.position)
+
+    def _payload(self, val_loss: float | None) -> dict[str, Any]:
+        return {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "loader": self.train_loader.state_dict(),
+            "rng": _gather_rng(self.env),
+            "config": self.cfg.model_dump(mode="json"),
+            "trainable": self.trainable,
+            "val_loss": math.nan if val_loss is None else val_loss,
+            "best_val_loss": self.best,
+        }
+
+    def _checkpoint(self, val_loss: float | None) -> None:
+        payload = self._payload(val_loss)  # collective (RNG gather): every rank builds it
+        if self.env.is_main:
+            save_atomic(payload, self.run_dir / LAST)
+            if val_loss is not None:
+                saved = update_best(self.run_dir, payload, val_loss, self.step, self.cfg.train.save_top_k)
+                if saved:
+                    log.info("step %d: val_loss %.4f -> %s", self.step, val_loss, saved.name)
+
+    def _micro_batches(self) -> Iterator[tuple[int, Batch]]:
+        """(epoch, batch) until total_steps, each epoch cut to whole optimiser steps, resuming mid-epoch."""
+        per_epoch = self.steps_per_epoch * self.cfg.train.accumulate
+        epoch = self.epoch
+        while True:
+            self.train_loader.set_epoch(epoch)
+            self.epoch = epoch
+            if self.train_loader.position < per_epoch:
+                for batch in self.train_loader:
+                    yield epoch, batch
+                    if self.train_loader.position >= per_epoch:
+                        break
+            epoch += 1
+
+    def run(self) -> FitResult:
+        tcfg, env = self.cfg.train, self.env
+        log.info("fit: %d optimiser steps (%d per epoch, accumulate %d, %d rank(s) x batch %d), device %s, "
+                 "%d parameters", self.total_steps, self.steps_per_epoch, tcfg.accumulate, env.world_size,
+                 tcfg.batch_size, env.device, sum(p.numel() for p in self.net.parameters()))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="fit", disable=not (env.is_main and self.progress),
+                   dynamic_ncols=True)
+        if self.step >= self.total_steps:
+            log.info("run already finished at step %d of %d", self.step, self.total_steps)
+        stats = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, micro-batches, non-finite
+        bad_keys: list[str] = []
+        micro, t0, seen = 0, time.perf_counter(), 0
+        batches = self._micro_batches()
+        while self.step < self.total_steps:
+            epoch, batch = next(batches)
+            batch = batch.to(env.device, non_blocking=True)
+            micro += 1
+            sync = micro % tcfg.accumulate == 0
+            no_sync = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
+            with no_sync:
+                with autocast(env, tcfg.precision):
+                    preds = forward(self.model, batch, self.static, self.cfg.model.scan)
+                loss = weighted_mse(preds, batch.y, batch.mask, self.lat_w)
+                self.scaler.scale(loss / tcfg.accumulate).backward()
+            value = loss.detach().double()
+            if not torch.isfinite(value):
+                bad_keys.extend(batch.keys)
+            stats += torch.stack([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0),
+                                  torch.ones((), dtype=torch.float64, device=env.device),
+                                  (~torch.isfinite(value)).double()])
+            seen += batch.x.shape[0]
+            if not sync:
+                continue
+            self._optimizer_step(stats, bad_keys)
+            if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - t0
+                self._log_train(epoch, float(stats[0] / stats[1]), seen * env.world_size / elapsed)
+                t0, seen = time.perf_counter(), 0
+            stats.zero_()
+            bar.update(1)
+            epoch_end = self.step % self.steps_per_epoch == 0
+            if (tcfg.val_every and self.step % tcfg.val_every == 0) or (not tcfg.val_every and epoch_end) \
+                    or self.step == self.total_steps:
+                val_loss = validate(self.net, self.val_loader, self.static, self.cfg, env, self.lat_w)
+                self.best = min(self.best, val_loss) if math.isfinite(val_loss) else self.best
+                bar.set_postfix(val_loss=f"{val_loss:.4f}")
+                if self.log:
+                    self.log.write({"step": self.step, "epoch": epoch, "val_loss": val_loss})
+                self._checkpoint(val_loss)
+                t0, seen = time.perf_counter(), 0  # samples/s measures training only
+            elif self.step % tcfg.checkpoint_every == 0:
+                self._checkpoint(None)
+        bar.close()
+        if self.log:
+            self.log.close()
+        barrier()
+        best = best_checkpoints(self.run_dir)
+        return FitResult(self.run_dir, self.step, self.best if math.isfinite(self.best) else None,
+                         best[0][2] if best else None, self.run_dir / LAST, self.net)
+
+    def _optimizer_step(self, stats: torch.Tensor, bad_keys: list[str]) -> None:
+        all_reduce_sum(stats)
+        if stats[2] > 0:
+            where = f"batch keys {bad_keys}" if bad_keys else "on another rank (its log names the keys)"
+            raise NonFiniteLossError(
+                f"non-finite loss at optimiser step {self.step + 1}: {where}. Check those samples "
+                "(`python -m pipeline inspect SHARDS`), lower train.lr or raise train.warmup_steps")
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip or math.inf))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+    def _log_train(self, epoch: int, loss: float, samples_per_s: float) -> None:
+        if not self.log:
+            return
+        row = {"step": self.step, "epoch": epoch, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": self.grad_norm, "samples_per_s": samples_per_s}
+        row.update({f"alpha/{k}": v for k, v in alpha_scalars(self.net).items()})
+        self.log.write(row)
+
+
+def fit(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True, env: DistEnv | None = None) -> FitResult:
+    """Train as the config says; with resume=True continue from train.run_dir/last.ckpt."""
+    return Trainer(cfg, env or init_distributed(), resume, progress).run()
