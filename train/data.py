@@ -99,7 +99,7 @@ class Static:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_static(root: str) -> Static:
+def _load_static(root: str, manifest_mtime_ns: int) -> Static:
     manifest = read_manifest(root)
     arrays = {}
     for name, entry in manifest["static"].items():
@@ -119,8 +119,14 @@ def _load_static(root: str) -> Static:
 
 
 def load_static(shards_dir: str | Path) -> Static:
-    """Manifest + static arrays of a shard set, cached per process (keyed by the resolved path)."""
-    return _load_static(str(manifest_path(shards_dir).parent.resolve()))
+    """Manifest + static arrays of a shard set, cached per process (keyed by path and manifest mtime,
+    so a rewritten shard set is reloaded)."""
+    path = manifest_path(shards_dir).resolve()
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        mtime = -1  # read_manifest raises the error with the fix
+    return _load_static(str(path.parent), mtime)
 
 
 def _seed(*parts: int) -> int:
@@ -211,8 +217,8 @@ class _ShardReader:
             raise CorruptShardError(msg)
         if name not in self.skipped:
             self.skipped.append(name)
-        if name not in self._logged:
-            self._logged.add(name)
+        if str(self.root / name) not in self._logged:
+            self._logged.add(str(self.root / name))
             log.warning("%s; skipping it (strict=False)", msg)
 
     def _verify(self, entry: dict[str, Any]) -> bool:
@@ -425,7 +431,16 @@ class ShardStream:
     def __iter__(self) -> Iterator[Batch]:
         if self.position >= self._length:  # a finished epoch iterated again: a fresh pass over it
             self.position = 0
-        for batch in self._batches():
-            self.position += 1
-            self.skipped_shards.update(batch.skipped_shards)
-            yield batch
+        batches = self._batches()
+        try:
+            for batch in batches:
+                self.position += 1
+                self.skipped_shards.update(batch.skipped_shards)
+                yield batch
+        except Exception:
+            if self.num_workers:
+                # torch stops workers only when its iterator is collected; a kept traceback delays that
+                # to a cyclic GC that may close the queues first (then each join times out after 5 s)
+                batches._shutdown_workers()
+                self._loader = None
+            raise

@@ -1,0 +1,257 @@
+"""The streaming loader (`train.data`): DDP/worker partitioning, resume, batch content, safety."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.shardset import ShardSetError, read_manifest, sha256_file
+from train.data import (
+    Batch,
+    CorruptShardError,
+    ShardIntegrityError,
+    ShardStream,
+    load_static,
+    plan_epoch,
+    skip_per_worker,
+)
+
+
+def all_keys(shards: Path, split: str) -> set[str]:
+    keys = set()
+    for shard in read_manifest(shards)["splits"][split]["shards"]:
+        with tarfile.open(shards / shard["name"]) as tar:
+            keys |= {m.name.split(".")[0] for m in tar}
+    return keys
+
+
+def valid_keys(batch: Batch) -> list[str]:
+    return [k for k, ok in zip(batch.keys, batch.valid.tolist()) if ok]
+
+
+def copy_shards(shards: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    return out
+
+
+def test_eval_two_ranks_two_workers_cover_the_split_exactly_once(tiny_shards: Path) -> None:
+    per_rank, lengths = [], []
+    for rank in range(2):
+        loader = ShardStream(tiny_shards, "train", 3, mode="eval", rank=rank, world_size=2, num_workers=2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        lengths.append(len(loader))
+        keys = [k for b in batches for k in valid_keys(b)]
+        assert len(keys) == len(set(keys))
+        per_rank.append(set(keys))
+        padding = [(b, i) for b in batches for i, ok in enumerate(b.valid.tolist()) if not ok]
+        assert padding and all(not b.mask[i].any() for b, i in padding)
+        assert all(b.y.shape == (3, 3, 6, 8, 16) and b.lead_times.tolist() == [3.0, 6.0, 12.0] for b in batches)
+    assert lengths[0] == lengths[1]
+    assert not per_rank[0] & per_rank[1]
+    assert per_rank[0] | per_rank[1] == all_keys(tiny_shards, "train")
+
+
+def test_train_ranks_and_workers_disjoint_with_equal_batches(tiny_shards: Path) -> None:
+    epochs = {}
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(2):
+            loader = ShardStream(tiny_shards, "train", 2, mode="train", seed=7, rank=rank, world_size=2, num_workers=2)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == 6  # 24 samples // (2 ranks x 2)
+            assert all(b.valid.all() and b.y.shape == (2, 6, 8, 16) and b.lead_times.shape == (2,) for b in batches)
+            per_rank.append([k for b in batches for k in b.keys])
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert set(per_rank[0]) | set(per_rank[1]) == all_keys(tiny_shards, "train")
+        epochs[epoch] = per_rank
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
+    again = ShardStream(tiny_shards, "train", 2, seed=7, rank=0, world_size=2, num_workers=2)
+    again.set_epoch(1)
+    assert [k for b in again for k in b.keys] == epochs[1][0]  # deterministic given (seed, epoch, rank)
+
+
+@pytest.mark.parametrize(("mode", "workers"), [("train", 0), ("train", 2), ("eval", 2)])
+def test_resume_yields_exactly_the_remaining_batches(tiny_shards: Path, mode: str, workers: int) -> None:
+    def make() -> ShardStream:
+        loader = ShardStream(tiny_shards, "train", 2, mode=mode, seed=3, num_workers=workers, shuffle_buffer=5)
+        loader.set_epoch(2)
+        return loader
+
+    full = [(b.keys, b.lead_times.tolist(), b.x.sum().item()) for b in make()]
+    first = make()
+    taken = []
+    for batch in first:
+        taken.append(batch.keys)
+        if len(taken) == 4:
+            break
+    state = first.state_dict()
+    assert state["position"] == 4 and state["epoch"] == 2
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint round trip
+    rest = [(b.keys, b.lead_times.tolist(), b.x.sum().item()) for b in resumed]
+    assert taken == [k for k, _, _ in full[:4]]
+    assert rest == full[4:]
+    # iterating the interrupted loader again continues too
+    assert [b.keys for b in first] == [k for k, _, _ in full[4:]]
+
+
+def test_resume_with_other_settings_is_refused(tiny_shards: Path) -> None:
+    state = ShardStream(tiny_shards, "train", 2, num_workers=0).state_dict()
+    with pytest.raises(ValueError, match="num_workers"):
+        ShardStream(tiny_shards, "train", 2, num_workers=1).load_state_dict(state)
+
+
+def test_batch_is_normalised_and_masked(tiny_shards: Path) -> None:
+    static = load_static(tiny_shards)
+    tidx = [static.variables.index(t) for t in static.targets]
+    raw = {}
+    for shard in read_manifest(tiny_shards)["splits"]["test"]["shards"]:
+        with tarfile.open(tiny_shards / shard["name"]) as tar:
+            for m in tar:
+                key, member = m.name.split(".", 1)
+                raw.setdefault(key, {})[member] = tar.extractfile(m).read()
+    mean, std = static.stats_mean, static.stats_std
+    for mode in ("eval", "train"):
+        for batch in ShardStream(tiny_shards, "test", 4, mode=mode):
+            for i, key in enumerate(batch.keys):
+                x = np.load(io.BytesIO(raw[key]["input.npy"]))
+                target = np.load(io.BytesIO(raw[key]["target.npy"]))
+                np.testing.assert_allclose(batch.x[i].numpy(), (x - mean[:, None, None]) / std[:, None, None],
+                                           rtol=1e-5, atol=1e-5)
+                if mode == "train":
+                    target = target[static.leads_h.index(int(batch.lead_times[i]))]
+                expect = np.isfinite(target) & static.loss_mask
+                np.testing.assert_array_equal(batch.mask[i].numpy(), expect)
+                norm = (target - mean[tidx][:, None, None]) / std[tidx][:, None, None]
+                np.testing.assert_allclose(batch.y[i].numpy()[expect], norm[expect], rtol=1e-5, atol=1e-5)
+                assert (batch.y[i].numpy()[~expect] == 0).all()
+                assert sorted(batch.scan_order[i].tolist()) == list(range(32))
+    assert not static.loss_mask.all()  # the static mask really removes cells
+
+
+def test_batch_helpers(tiny_shards: Path) -> None:
+    batch = next(iter(ShardStream(tiny_shards, "val", 2)))
+    assert batch.order_for("regional") is batch.scan_order
+    assert batch.order_for("global") is batch.scan_order_global
+    assert batch.order_for("none") is None
+    with pytest.raises(ValueError, match="unknown scan"):
+        batch.order_for("diagonal")
+    moved = batch.to("cpu")
+    assert moved.scan_order.dtype == torch.int64 and moved.keys == batch.keys
+
+
+def test_load_static_is_cached_and_matches_files(tiny_shards: Path) -> None:
+    static = load_static(tiny_shards)
+    assert load_static(tiny_shards / "manifest.json") is static
+    np.testing.assert_array_equal(static.loss_mask, np.load(tiny_shards / "loss_mask.npy"))
+    assert static.patch_elevation.shape == (32,) and static.grid == (8, 16) and static.regions == (2, 2)
+
+
+def test_truncated_shard_is_skipped_counted_and_logged_once(tiny_shards: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    shards = copy_shards(tiny_shards, tmp_path)
+    bad = shards / "train-000002.tar"
+    bad.write_bytes(bad.read_bytes()[:7000])
+    loader = ShardStream(shards, "train", 2)
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader)  # the quota is filled from the other shards
+            assert not any(k.startswith("train_0000000") and int(k[-2:]) in range(8, 12) for b in batches
+                           for k in b.keys)
+    assert loader.skipped_shards == {"train-000002.tar"}
+    assert len([r for r in caplog.records if "train-000002.tar" in r.getMessage()]) == 1
+    with pytest.raises(CorruptShardError, match="train-000002.tar.*pipeline shard"):
+        list(ShardStream(shards, "train", 2, strict=True))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_flipped_byte_is_refused(tiny_shards: Path, tmp_path: Path, workers: int) -> None:
+    shards = copy_shards(tiny_shards, tmp_path)
+    bad = shards / "train-000003.tar"
+    raw = bytearray(bad.read_bytes())
+    raw[3000] ^= 0x01
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ShardIntegrityError, match="train-000003.tar.*sha256"):
+        list(ShardStream(shards, "train", 2, num_workers=workers))
+
+
+class _Tripwire:
+    """Unpickling this creates a file: proof that a planted pickle was (not) executed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_planted_pickle_member_is_refused_and_never_unpickled(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = copy_shards(tiny_shards, tmp_path)
+    tripwire = tmp_path / "unpickled"
+    payload = pickle.dumps(_Tripwire(tripwire))
+    with tarfile.open(shards / "train-000000.tar", "a") as tar:
+        info = tarfile.TarInfo("train_00000001.evil.pyd")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    manifest = json.loads((shards / "manifest.json").read_text())  # a consistent, tampered shard set
+    entry = manifest["splits"]["train"]["shards"][0]
+    entry["bytes"], entry["sha256"] = (shards / entry["name"]).stat().st_size, sha256_file(shards / entry["name"])
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardIntegrityError, match="evil.pyd"):
+        list(ShardStream(shards, "train", 2, mode="eval"))
+    assert not tripwire.exists()
+
+
+def test_too_few_shards_is_a_clear_error(tiny_shards: Path) -> None:
+    with pytest.raises(ShardSetError, match=r"2 shards .* 4 readers .*shard.max_count.*fewer workers"):
+        ShardStream(tiny_shards, "val", 2, world_size=2, num_workers=2)
+    with pytest.raises(ShardSetError, match="smaller batch size"):
+        ShardStream(tiny_shards, "val", 64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 9), min_size=1, max_size=16), world=st.integers(1, 3),
+       readers=st.integers(1, 3), batch=st.integers(1, 4), seed=st.integers(0, 5), epoch=st.integers(0, 3))
+def test_plan_deals_every_shard_once_and_balances_ranks(counts: list[int], world: int, readers: int, batch: int,
+                                                       seed: int, epoch: int) -> None:
+    if len(counts) < world * readers:
+        return
+    entries = [{"name": f"s{i}", "count": c} for i, c in enumerate(counts)]
+    for mode in ("train", "eval"):
+        plans = [plan_epoch(entries, mode=mode, batch_size=batch, seed=seed, epoch=epoch, rank=r,
+                            world_size=world, readers=readers) for r in range(world)]
+        names = [s["name"] for p in plans for ws in p.shards for s in ws]
+        assert sorted(names) == sorted(e["name"] for e in entries)  # each shard to exactly one reader
+        assert len({p.batches for p in plans}) == 1  # equal batches on every rank
+        if mode == "train":
+            assert plans[0].batches == sum(counts) // (world * batch)
+        else:
+            for p in plans:  # real batches hold every sample of the rank's shards
+                assert all(r * batch >= sum(s["count"] for s in ws) for r, ws in zip(p.real_batches, p.shards))
+                assert all(q >= r for q, r in zip(p.quotas, p.real_batches))
+
+
+@given(quotas=st.lists(st.integers(0, 6), min_size=1, max_size=4), data=st.data())
+def test_skip_per_worker_counts_round_robin_delivery(quotas: list[int], data: st.DataObject) -> None:
+    position = data.draw(st.integers(0, sum(quotas)))
+    done = skip_per_worker(quotas, position)
+    assert sum(done) == position and all(d <= q for d, q in zip(done, quotas))
+    # round robin: no worker with batches left is more than one batch ahead of another such worker
+    live = [d for d, q in zip(done, quotas) if d < q]
+    assert not live or max(live) - min(live) <= 1
