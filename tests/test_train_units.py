@@ -1,0 +1,118 @@
+"""Loss, optimiser groups, schedule and checkpoint files (no model or data needed)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from train.checkpoint import (
+    CheckpointError,
+    best_checkpoints,
+    default_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    update_best,
+)
+from train.config import TrainConfig
+from train.loss import latitude_weights, weighted_mse
+from train.optim import build_optimizer, build_scheduler, lr_factor
+
+
+def test_weighted_mse_matches_numpy_and_ignores_nan() -> None:
+    rng = np.random.default_rng(0)
+    lat = np.array([-60.0, 0.0, 30.0])
+    pred = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+    target = rng.normal(size=pred.shape).astype(np.float32)
+    mask = rng.random(pred.shape) < 0.7
+    target[~mask] = np.nan  # invalid targets must not leak NaN into the loss
+    w = np.cos(np.deg2rad(lat)) / np.cos(np.deg2rad(lat)).mean()
+    wb = np.broadcast_to(w[:, None], pred.shape) * mask
+    expected = np.sum(wb * np.nan_to_num(pred - target) ** 2) / wb.sum()
+    got = weighted_mse(torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(mask), latitude_weights(lat))
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="no valid target"):
+        weighted_mse(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4, dtype=torch.bool), latitude_weights(lat))
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.alpha = nn.Parameter(torch.ones(1))
+
+
+def test_no_weight_decay_on_embeddings_norms_biases_alpha() -> None:
+    net = _Toy()
+    opt = build_optimizer(net, TrainConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p is net.fc.weight for p in decay["params"]] == [True]
+    assert {id(p) for p in no_decay["params"]} == {id(net.pos_embed), id(net.fc.bias), id(net.norm.weight),
+                                                 id(net.norm.bias), id(net.alpha)}
+
+
+def test_warmup_then_cosine() -> None:
+    kw = {"warmup_steps": 10, "total_steps": 110, "lr": 1e-3, "min_lr": 1e-5}
+    assert lr_factor(0, **kw) == pytest.approx(0.01)
+    assert lr_factor(5, **kw) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor(10, **kw) == pytest.approx(1.0)
+    assert lr_factor(60, **kw) == pytest.approx(0.01 + 0.99 * 0.5)  # cosine midpoint between 1 and min_lr/lr
+    assert lr_factor(110, **kw) == pytest.approx(0.01)
+    net = _Toy()
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    opt = build_optimizer(net, cfg)
+    sched = build_scheduler(opt, cfg, 110)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(1e-3)
+
+
+def test_atomic_save_and_weights_only_load(tmp_path) -> None:
+    torch.manual_seed(3)
+    np.random.seed(4)
+    random.seed(5)
+    payload = {"model": {"w": torch.arange(3.0)}, "rng": [rng_state()], "config": {"a": [1, 2], "b": None}}
+    save_atomic(payload, tmp_path / "last.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    loaded = load_checkpoint(tmp_path / "last.ckpt")
+    set_rng_state(loaded["rng"][0])
+    assert torch.equal(torch.rand(2), expected[0])
+    assert np.array_equal(np.random.rand(2), expected[1]) and random.random() == expected[2]
+    assert loaded["config"] == {"a": [1, 2], "b": None}
+
+
+def test_corrupt_and_pickled_checkpoints_are_refused(tmp_path) -> None:
+    good = tmp_path / "good.ckpt"
+    save_atomic({"w": torch.ones(100)}, good)
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(good.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        load_checkpoint(bad)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"obj": _Toy}, evil)  # a class reference needs unpickling code: refused
+    with pytest.raises(CheckpointError, match="pickled objects"):
+        load_checkpoint(evil)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_best_k_keeps_the_lowest(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        default_checkpoint(tmp_path)
+    for step, loss in enumerate([0.5, 0.4, 0.45, 0.3557, 0.6, math.nan]):
+        update_best(tmp_path, {"step": step}, loss, step, top_k=2)
+    names = sorted(p.name for p in tmp_path.glob("best-*.ckpt"))
+    assert names == ["best-val_loss=0.3557-step=3.ckpt", "best-val_loss=0.4000-step=1.ckpt"]
+    assert best_checkpoints(tmp_path)[0][0] == pytest.approx(0.3557)
+    assert default_checkpoint(tmp_path).name == "best-val_loss=0.3557-step=3.ckpt"
