@@ -81,21 +81,23 @@ class Static:
     grid: tuple[int, int]
 
     @property
-    def input_mean(self) -> np.ndarray:
-        return self.stats_mean.astype(np.float32)
+    def input_std(self) -> np.ndarray:
+        """float64 std with zeros replaced by 1, so a constant variable normalises to 0 instead of inf."""
+        return np.where(self.stats_std > 0, self.stats_std, 1.0)
 
     @property
-    def input_std(self) -> np.ndarray:
-        """Std with zeros replaced by 1, so a constant variable normalises to 0 instead of inf."""
-        return np.where(self.stats_std > 0, self.stats_std, 1.0).astype(np.float32)
+    def target_index(self) -> list[int]:
+        """Position of each target among the input variables."""
+        return [self.variables.index(t) for t in self.targets]
 
     @property
     def target_mean(self) -> np.ndarray:
-        return self.input_mean[[self.variables.index(t) for t in self.targets]]
+        """float32 (P,) statistics of the targets, for denormalising predictions."""
+        return self.stats_mean[self.target_index].astype(np.float32)
 
     @property
     def target_std(self) -> np.ndarray:
-        return self.input_std[[self.variables.index(t) for t in self.targets]]
+        return self.input_std[self.target_index].astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)
