@@ -1,0 +1,80 @@
+"""Model presets and a back-of-the-envelope memory estimate (what fits on which device, and why flex/sdpa).
+
+Activation figures count the tensors autograd keeps for backward (fp32 unless bytes_per_value says
+otherwise); they are estimates to plan batch sizes, not measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from model.config import ModelConfig
+from model.net import TopoFlowClimaX
+
+INPUTS = ("u", "v", "temp", "rh", "psfc", "pm10", "so2", "no2", "co", "o3", "lat2d", "lon2d", "pm25", "elevation", "population")
+TARGETS = ("pm25", "pm10", "so2", "no2", "co", "o3")
+Backend = Literal["sdpa", "flex", "naive"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything needed to build a model of one size."""
+
+    cfg: ModelConfig
+    img_size: tuple[int, int]
+    patch_size: int
+    regions: tuple[int, int]
+    in_vars: tuple[str, ...] = INPUTS
+    out_vars: tuple[str, ...] = TARGETS
+
+    @property
+    def tokens(self) -> int:
+        return (self.img_size[0] // self.patch_size) * (self.img_size[1] // self.patch_size)
+
+    def build(self) -> TopoFlowClimaX:
+        return TopoFlowClimaX(self.cfg, self.in_vars, self.out_vars, self.img_size, self.patch_size, self.regions)
+
+
+PRESETS: dict[str, Preset] = {
+    # configs/topoflow_china.yaml: 128x256, patch 2 -> 8192 tokens, 32x32 regions
+    "reference": Preset(ModelConfig(embed_dim=768, depth=8, num_heads=8, drop_path=0.1, chunk_size=256), (128, 256), 2, (32, 32)),
+    # configs/demo.yaml: 32x64, patch 2 -> 512 tokens, 4x8 regions; ModelConfig defaults
+    "demo": Preset(ModelConfig(), (32, 64), 2, (4, 8)),
+}
+
+
+def estimate_memory(preset: str | Preset, batch_size: int = 1, backend: Backend = "sdpa", bytes_per_value: int = 4) -> dict[str, float]:
+    """Parameters and training memory (bytes) of a preset: weights, optimiser state, activations, bias.
+
+    `attention_bias_bytes` is the extra peak memory of ONE physics block's bias path: `naive` builds the
+    full (B, H, N, N) bias and keeps scores and probabilities (3 N x N per head); `sdpa` holds about 4
+    (chunk x N) tensors per head during one chunk's backward; `flex` only the per-token operands.
+    """
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    cfg = p.cfg
+    with torch.device("meta"):
+        net = p.build()
+    params = sum(t.numel() for t in net.parameters())
+    trainable = sum(t.numel() for t in net.parameters() if t.requires_grad)
+    b, n, d, h, v = batch_size, p.tokens, cfg.embed_dim, cfg.num_heads, len(p.in_vars)
+    embed = 4 * b * v * n * d  # patch tokens, + var embed, var_agg key/value projections
+    per_block = (8 + 2 * cfg.mlp_ratio) * b * n * d  # norms, qkv, attention out, proj, fc1, GELU, residuals
+    blocks = cfg.depth * per_block if not cfg.checkpoint_activations else cfg.depth * b * n * d + per_block
+    head = (2 * cfg.decoder_depth + 1) * b * n * d
+    bias_values = {
+        "naive": 3 * b * h * n * n,
+        "sdpa": 4 * b * h * min(cfg.chunk_size, n) * n,
+        "flex": 6 * b * n,
+    }[backend]
+    return {
+        "params": float(params),
+        "trainable_params": float(trainable),
+        "tokens": float(n),
+        "weights_bytes": 4.0 * params,
+        "optimizer_bytes": 4.0 * (trainable + 2 * trainable),  # grads + AdamW moments, fp32
+        "activation_bytes": float(bytes_per_value * (embed + blocks + head)),
+        "attention_bias_bytes": float(bytes_per_value * bias_values),
+    }
