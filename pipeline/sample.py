@@ -1,0 +1,207 @@
+"""`python -m pipeline sample`: write the embedded raw source (NetCDF) on real terrain.
+
+The file has exactly the layout `pipeline build` reads for any real ERA5/CAMS-style source: dims
+(time, latitude DESCENDING, longitude), the config's source names and units, static fields without
+a time dim, CF attributes. Data are simulated by `pipeline.simulate` on pvlib's terrain and
+streamed to disk in time blocks, so a year of the 128x256 grid never sits in memory. The file is
+written under a temporary name and renamed when complete; a fingerprint of the config parts that
+shape the data is stored in its attrs, so an up-to-date file is not regenerated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5netcdf
+import h5py
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import PipelineConfig, load_pipeline_config
+from pipeline.simulate import Grid, Simulation, make_surface
+from pipeline.terrain import regrid_elevation
+
+GENERATOR_VERSION = "1"
+SPINUP_DAYS = 10  # simulated before the first time step so the first fields are not clean air
+BLOCK_STEPS = 24  # time steps per write (and HDF5 chunk): bounded memory at any grid size
+FINGERPRINT_ATTR = "sample_fingerprint"
+
+
+class SampleError(ValueError):
+    """The sample cannot be written as asked; the message says why and what to do."""
+
+
+# model variable -> canonical units of the simulation; declared units may be any in CONVERSIONS
+CANONICAL_UNITS = {
+    "u": "m s-1", "v": "m s-1", "temp": "K", "rh": "%", "psfc": "Pa", "pm25": "ug m-3", "pm10": "ug m-3",
+    "so2": "ug m-3", "no2": "ug m-3", "co": "mg m-3", "o3": "ug m-3", "elevation": "m", "population": "km-2",
+}
+CONVERSIONS = {  # (canonical, declared) -> (scale, offset): declared = canonical * scale + offset
+    ("K", "degC"): (1.0, -273.15), ("Pa", "hPa"): (0.01, 0.0), ("%", "1"): (0.01, 0.0),
+    ("ug m-3", "mg m-3"): (1e-3, 0.0), ("mg m-3", "ug m-3"): (1e3, 0.0), ("m", "km"): (1e-3, 0.0),
+}
+
+
+def fingerprint(cfg: PipelineConfig) -> str:
+    """Hash of everything that shapes the sample's bytes (domain, period, seed, variables, statics)."""
+    d = cfg.data
+    parts = {
+        "generator": GENERATOR_VERSION,
+        "domain": d.domain.model_dump(mode="json"),
+        "sample": d.sample.model_dump(mode="json"),
+        "variables": [v.model_dump(mode="json") for v in d.variables],
+        "static": d.static.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _unit_transform(name: str, units: str) -> tuple[float, float]:
+    """(scale, offset) from the simulation's units to the declared ones, or a clear error."""
+    canonical = CANONICAL_UNITS.get(name)
+    if canonical is None:
+        raise ValueError(
+            f"variable {name!r}: `pipeline sample` cannot simulate it (it simulates {sorted(CANONICAL_UNITS)}); "
+            "remove it from data.variables or point data.raw at a real source that has it"
+        )
+    if units == canonical:
+        return 1.0, 0.0
+    if (canonical, units) in CONVERSIONS:
+        return CONVERSIONS[(canonical, units)]
+    accepted = [canonical] + [b for a, b in CONVERSIONS if a == canonical]
+    raise SampleError(f"variable {name!r}: units {units!r} are not supported by the sample; declare one of {accepted}")
+
+
+def existing_fingerprint(path: Path) -> str | None:
+    """The fingerprint stored in an existing file, or None if it is not a readable sample."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get(FINGERPRINT_ATTR)
+    except OSError:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _create_layout(f: h5netcdf.File, cfg: PipelineConfig, times: pd.DatetimeIndex, lat_desc: np.ndarray,
+                   lon: np.ndarray, fp: str) -> None:
+    """Dims, CF coordinates, empty dynamic variables and root attrs."""
+    d = cfg.data
+    f.dimensions = {"time": len(times), "latitude": lat_desc.size, "longitude": lon.size}
+    origin = times[0]
+    t = f.create_variable("time", ("time",), "i8")
+    t[:] = ((times - origin) / pd.Timedelta(hours=1)).to_numpy().astype(np.int64)
+    t.attrs.update(units=f"hours since {origin:%Y-%m-%d %H:%M:%S}", calendar="proleptic_gregorian",
+                   standard_name="time", axis="T")
+    la = f.create_variable("latitude", ("latitude",), "f8", data=lat_desc)
+    la.attrs.update(units="degrees_north", standard_name="latitude", long_name="latitude", axis="Y")
+    lo = f.create_variable("longitude", ("longitude",), "f8", data=lon)
+    lo.attrs.update(units="degrees_east", standard_name="longitude", long_name="longitude", axis="X")
+    chunks = (min(BLOCK_STEPS, len(times)), lat_desc.size, lon.size)
+    for spec in d.variables:
+        if spec.kind == "dynamic":
+            var = f.create_variable(spec.source, ("time", "latitude", "longitude"), "f4", chunks=chunks,
+                                    compression="gzip", compression_opts=1, shuffle=True)
+            var.attrs.update(units=spec.units, long_name=f"{spec.name} (simulated)")
+    f.attrs.update(
+        Conventions="CF-1.8",
+        title="TopoFlow embedded sample: simulated surface meteorology and air quality on real terrain",
+        source="pipeline.sample (pipeline/simulate.py) on pvlib Altitude.h5 terrain (Mapzen/tilezen)",
+        seed=d.sample.seed,
+        step_hours=d.sample.step_hours,
+        **{FINGERPRINT_ATTR: fp},
+    )
+
+
+def _write_static(f: h5netcdf.File, fields: dict[str, tuple[np.ndarray, str]]) -> None:
+    """Static (latitude, longitude) variables; `fields` maps source name -> (values, units)."""
+    for source, (values, units) in fields.items():
+        var = f.create_variable(source, ("latitude", "longitude"), "f4", data=values[::-1].astype(np.float32))
+        var.attrs["units"] = units
+
+
+def _static_fields(cfg: PipelineConfig, elevation: np.ndarray, lsm: np.ndarray, population: np.ndarray) -> dict:
+    """Source name -> (ascending-latitude values, units) for every static field the config names."""
+    d = cfg.data
+    by_name = {"elevation": elevation, "population": population}
+    out: dict[str, tuple[np.ndarray, str]] = {}
+    for spec in d.variables:
+        if spec.kind == "static":
+            scale, offset = _unit_transform(spec.name, spec.units)
+            if spec.name not in by_name:
+                raise SampleError(f"static variable {spec.name!r}: the sample provides only {sorted(by_name)}")
+            out[spec.source] = (by_name[spec.name] * scale + offset, spec.units)
+    scale, offset = _unit_transform("elevation", d.static.elevation_units)
+    out.setdefault(d.static.elevation, (elevation * scale + offset, d.static.elevation_units))
+    if d.static.loss_mask:
+        out[d.static.loss_mask] = (lsm, "1")
+    return out
+
+
+def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Simulate and write cfg.data.raw; skip when it already holds the sample of this config."""
+    d = cfg.data
+    path = Path(d.raw)
+    fp = fingerprint(cfg)
+    if path.exists() and not overwrite:
+        old = existing_fingerprint(path)
+        if old == fp:
+            print(f"sample {path} is up to date (fingerprint {fp}); nothing to do (--overwrite regenerates it)")
+            return path
+        if old is None:
+            raise SampleError(
+                f"{path} exists and was not written by `pipeline sample` (or is unreadable); refusing to replace "
+                "it: move it away, point data.raw elsewhere, or pass --overwrite"
+            )
+        print(f"sample {path} was made from another config (fingerprint {old} -> {fp}); regenerating")
+    dynamic = [s for s in d.variables if s.kind == "dynamic"]
+    transforms = {s.source: _unit_transform(s.name, s.units) for s in dynamic}
+    times = pd.date_range(d.sample.period.start, d.sample.period.end, freq=f"{d.sample.step_hours}h")
+    grid = Grid.from_domain(d.domain)
+    terrain = regrid_elevation(d.domain)
+    surface = make_surface(grid, terrain.elevation, terrain.land_fraction, d.sample.seed)
+    origin = times[0] - pd.Timedelta(days=SPINUP_DAYS)
+    hours = int((times[-1] - origin) / pd.Timedelta(hours=1)) + 1
+    sim = Simulation(grid, surface, origin, hours, d.sample.seed)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5netcdf.File(tmp, "w") as f, tqdm(total=hours, unit="h", desc="sample", disable=not progress) as bar:
+            _create_layout(f, cfg, times, grid.lat[::-1], grid.lon, fp)
+            _write_static(f, _static_fields(cfg, terrain.elevation, terrain.land_sea_mask, surface.population))
+            block = {s.source: np.empty((min(BLOCK_STEPS, len(times)), *grid.shape), np.float32) for s in dynamic}
+            done, last = 0, origin - pd.Timedelta(hours=1)
+            for index, (time, fields) in enumerate(sim.run(times)):
+                k = index - done
+                for spec in dynamic:
+                    scale, offset = transforms[spec.source]
+                    block[spec.source][k] = (fields[spec.name] * scale + offset)[::-1]
+                if k + 1 == BLOCK_STEPS or index + 1 == len(times):
+                    for source, values in block.items():
+                        f.variables[source][done : index + 1] = values[: k + 1]
+                    done = index + 1
+                bar.update(int((time - last) / pd.Timedelta(hours=1)))
+                last = time
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote sample {path}: {len(times)} steps x {grid.shape[0]}x{grid.shape[1]} ({fp})")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="experiment YAML (section data is used)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.sample.step_hours=1 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate even if the file is up to date or foreign")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_pipeline_config(args.config, args.overrides)
+    write_sample(cfg, overwrite=args.overwrite, progress=args.progress)
+    return 0
