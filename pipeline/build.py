@@ -81,21 +81,29 @@ def _run_blocks(ds: xr.Dataset, moments, path: Path, cfg: PipelineConfig, schedu
         futures = client.compute(tasks)
         index = {f.key: i for f, i in zip(futures, todo)}
         bar = tqdm(total=n_blocks, initial=n_blocks - len(todo), unit="block", desc="build", disable=not progress)
+        errors: dict[int, BaseException] = {}
         try:
             for future in as_completed(futures):
                 i = index[future.key]
-                block_moments[i] = future.result()
-                done[i] = True
-                bar.update()
-        except OSError as exc:
-            raise SourceError(
-                f"reading the raw source {cfg.data.raw} failed mid-build ({exc}); the file is probably truncated "
-                "or corrupt: regenerate it, then rerun build (finished blocks are kept)"
-            ) from exc
+                if future.status == "error":
+                    # report the earliest failing block (e.g. the first NaN in time): drop later blocks
+                    errors[i] = future.exception()
+                    client.cancel([f for f in futures if index[f.key] > min(errors)])
+                elif future.status == "finished":
+                    block_moments[i] = future.result()
+                    done[i] = True
+                    bar.update()
         finally:
             bar.close()
             client.cancel(futures)
-
+    if errors:
+        first = errors[min(errors)]
+        if isinstance(first, OSError):
+            raise SourceError(
+                f"reading the raw source {cfg.data.raw} failed mid-build ({first}); the file is probably "
+                "truncated or corrupt: regenerate it, then rerun build (finished blocks are kept)"
+            ) from first
+        raise first
 
 def _finish(path: Path, final: Path) -> None:
     """Merge statistics, mark complete, consolidate metadata, then move into place atomically."""
@@ -121,31 +129,30 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
     A store or unfinished build from a different config/source is refused unless overwrite=True.
     """
     final = Path(cfg.data.store)
-    src = open_source(cfg)
-    fp = fingerprint(cfg, source_fingerprint(cfg.data.raw))
-    if final.exists() and not overwrite:
-        attrs = read_attrs(final)
-        why = _mismatch(final, attrs, fp)
-        if why:
-            raise StoreError(f"{why}: pass --overwrite to rebuild it, or set data.store to a new path")
-        if attrs.get("build_state") == "complete":
-            if progress:
-                print(f"{final} is up to date (config and source unchanged)")
-            return final
-    path = partial_path(final)
-    ds, moments = feature_dataset(src, cfg)
-    if path.exists() and not overwrite:
-        why = _mismatch(path, read_attrs(path), fp)
-        if why:
-            raise StoreError(f"unfinished build {why}: pass --overwrite to restart it, or delete {path}")
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_template(ds, path, cfg, fp, len(ds["fields"].chunks[0]))
-    _run_blocks(ds, moments, path, cfg, scheduler, progress)
+    with open_source(cfg) as src:
+        fp = fingerprint(cfg, source_fingerprint(cfg.data.raw))
+        if final.exists() and not overwrite:
+            attrs = read_attrs(final)
+            why = _mismatch(final, attrs, fp)
+            if why:
+                raise StoreError(f"{why}: pass --overwrite to rebuild it, or set data.store to a new path")
+            if attrs.get("build_state") == "complete":
+                if progress:
+                    print(f"{final} is up to date (config and source unchanged)")
+                return final
+        path = partial_path(final)
+        ds, moments = feature_dataset(src, cfg)
+        if path.exists() and not overwrite:
+            why = _mismatch(path, read_attrs(path), fp)
+            if why:
+                raise StoreError(f"unfinished build {why}: pass --overwrite to restart it, or delete {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_template(ds, path, cfg, fp, len(ds["fields"].chunks[0]))
+        _run_blocks(ds, moments, path, cfg, scheduler, progress)
     _finish(path, final)
     return final
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (sections data and build are used)")

@@ -39,16 +39,20 @@ def _sectors(u: np.ndarray, v: np.ndarray, regions: tuple[int, int], sectors: in
     return snap_sector(um, vm, sectors, calm).reshape(t, ry * rx)
 
 
-def _block_moments(fields: np.ndarray, times: np.ndarray, start: np.int64, end: np.int64, names: list[str]) -> np.ndarray:
-    """(t, V, H, W) block -> (1, V, 3) [count, mean, M2] over the block's train times; NaN/inf is an error."""
+def block_moments(x: np.ndarray) -> np.ndarray:
+    """(t, V, H, W) -> (1, V, 3) [count, mean, M2] per variable in float64, ignoring NaN."""
+    x = x.astype(np.float64)
+    count = np.isfinite(x).sum(axis=(0, 2, 3)).astype(np.float64)
+    mean = np.divide(np.nansum(x, axis=(0, 2, 3)), count, out=np.zeros_like(count), where=count > 0)
+    m2 = np.nansum((x - mean[None, :, None, None]) ** 2, axis=(0, 2, 3))
+    return np.stack([count, mean, m2], axis=-1)[None]
+
+
+def _train_moments(fields: np.ndarray, times: np.ndarray, start: np.int64, end: np.int64, names: list[str]) -> np.ndarray:
+    """One block's moments over its train times; NaN/inf anywhere in the block is a source error."""
     times = times.reshape(-1)
     check_finite(fields, names, times.astype("datetime64[ns]"))
-    sel = fields[(times >= start) & (times <= end)].astype(np.float64)
-    count = np.isfinite(sel).sum(axis=(0, 2, 3)).astype(np.float64)
-    total = np.nansum(sel, axis=(0, 2, 3))
-    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-    m2 = np.nansum((sel - mean[None, :, None, None]) ** 2, axis=(0, 2, 3))
-    return np.stack([count, mean, m2], axis=-1)[None]
+    return block_moments(fields[(times >= start) & (times <= end)])
 
 
 def merge_moments(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +102,7 @@ def feature_dataset(src: xr.Dataset, cfg: PipelineConfig) -> tuple[xr.Dataset, d
     t_int = da.from_array(times.view(np.int64).reshape(-1, 1, 1, 1), chunks=(tchunks, 1, 1, 1))
     bounds = [np.datetime64(pd.Timestamp(x), "ns").view(np.int64) for x in (train.start, train.end)]
     moments = da.map_blocks(
-        _block_moments, fields, t_int, *bounds, data.variable_names,
+        _train_moments, fields, t_int, *bounds, data.variable_names,
         drop_axis=3, chunks=((1,) * len(tchunks), (len(data.variables),), (N_MOMENTS,)), dtype=np.float64,
     )
 

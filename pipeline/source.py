@@ -134,7 +134,7 @@ def open_source(cfg: PipelineConfig) -> xr.Dataset:
     """Validated raw source: model variable names, dims (time, lat, lon), latitude ascending, time-chunked.
 
     Static helpers come as `static_elevation` and (when configured) `static_loss_mask`; coordinate
-    variables (lat2d/lon2d) are derived later from the grid.
+    variables (lat2d/lon2d) are derived later from the grid. Close it (or use `with`) to release the file.
     """
     data = cfg.data
     path = Path(data.raw)
@@ -168,5 +168,7 @@ def open_source(cfg: PipelineConfig) -> xr.Dataset:
     static = [n for n in result.data_vars if "time" not in result[n].dims]
     result[static] = result[static].load()
     check_finite(np.stack([result[n].values for n in static]), static)
-    return result.drop_attrs(deep=False)
+    result = result.drop_attrs(deep=False)
+    result.set_close(ds.close)
+    return result
 
