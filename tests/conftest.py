@@ -136,3 +136,14 @@ def tiny_shards(tiny_store: PipelineConfig) -> Path:
     from pipeline.shard import write_shards
 
     return write_shards(tiny_store, progress=False).parent
+
+
+@pytest.fixture
+def tiny_experiment(tiny_store: PipelineConfig, tiny_shards: Path, tmp_path: Path) -> dict:
+    """Raw experiment dict on the session's tiny shards: a very small model and a few-step `train`
+    section writing into tmp_path. Edit it, then `write_config` + `train.config.load_experiment_config`."""
+    raw = tiny_store.model_dump(mode="json")
+    raw["model"] = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1, "chunk_size": 16}
+    raw["train"] = {"run_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 2, "eval_batch_size": 4,
+                    "warmup_steps": 1, "val_every": 2, "checkpoint_every": 2, "log_every": 1, "lr": 1e-3}
+    return raw

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from model import CheckpointError as ModelCheckpointError
 from pipeline.config import ConfigError
 from pipeline.shardset import ShardSetError
 from train.checkpoint import CheckpointError
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         finally:
             shutdown()
-    except (ConfigError, CheckpointError, ShardSetError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, ModelCheckpointError, ShardSetError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

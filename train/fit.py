@@ -54,10 +54,13 @@ class FitResult:
 
 
 def setup_logging(run_dir: Path, is_main: bool) -> None:
-    """Rank 0 logs to stderr and run_dir/train.log; other ranks only warn."""
+    """Rank 0 logs to stderr and run_dir/train.log; other ranks only warn. Replaces earlier handlers
+    (several fits in one process, e.g. an ablation, each log to their own run_dir)."""
     log.setLevel(logging.INFO if is_main else logging.WARNING)
-    if is_main and not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == (run_dir / "train.log").resolve()
-                           for h in log.handlers):
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -199,7 +202,7 @@ class Trainer:
             check_same_grid(ckpt, cfg.data.model_dump(mode="json"), last)
         if tcfg.init_from is not None and ckpt is None:
             report = load_pretrained(self.net, tcfg.init_from)
-            log.info("init_from %s: %s", tcfg.init_from, report)
+            log.info("init_from %s: %s", tcfg.init_from, report.summary())
             if tcfg.freeze_backbone:
                 _trainable_after_freeze(self.net, list(report.missing))
         elif tcfg.freeze_backbone and ckpt is not None:

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -1,0 +1,104 @@
+"""The training loop end to end on the tiny shards: exact resume, NaN stop, fine-tuning, grid checks."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import train.fit
+from model import load_pretrained
+from train.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from train.config import ExperimentConfig, load_experiment_config
+from train.data import load_static
+from train.evaluate import evaluate
+from train.fit import NonFiniteLossError, fit
+from train.net import build_model
+from conftest import write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(raw: dict, path: Path, **train: object) -> ExperimentConfig:
+    raw = copy.deepcopy(raw)
+    raw["train"].update({k: str(v) if isinstance(v, Path) else v for k, v in train.items()})
+    return load_experiment_config(write_config(raw, path))
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_experiment: dict, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = copy.deepcopy(tiny_experiment)
+    raw["model"]["drop_path"] = 0.2  # random numbers in every step: the RNG state must resume too
+    straight = fit(_cfg(raw, tmp_path / "a.yaml", run_dir=tmp_path / "a", max_steps=6, val_every=3),
+                   progress=False)
+    cfg = _cfg(raw, tmp_path / "b.yaml", run_dir=tmp_path / "b", max_steps=6, val_every=3)
+    calls = {"n": 0}
+    real_loss = train.fit.weighted_mse
+
+    def dies_in_step_6(*args: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args)
+
+    monkeypatch.setattr(train.fit, "weighted_mse", dies_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, progress=False)
+    monkeypatch.setattr(train.fit, "weighted_mse", real_loss)
+    assert load_checkpoint(tmp_path / "b" / "last.ckpt")["step"] == 4  # checkpoint_every=2
+    resumed = fit(cfg, resume=True, progress=False)
+    assert resumed.step == straight.step == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert resumed.best_val_loss == pytest.approx(straight.best_val_loss, rel=1e-6)
+    steps = [line.split(",")[0] for line in (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "3", "4", "5", "6", "6"]  # the killed run's step-5 row was dropped
+
+
+def test_nonfinite_loss_stops_with_step_and_keys(tiny_experiment: dict, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    real_loss = train.fit.weighted_mse
+    monkeypatch.setattr(train.fit, "weighted_mse", lambda *a: real_loss(*a) * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"step 1: batch keys \['train_\d{8}', 'train_\d{8}'\]"):
+        fit(_cfg(tiny_experiment, tmp_path / "c.yaml"), progress=False)
+
+
+def test_finetune_from_baseline_reports_physics_keys_missing(tiny_experiment: dict, tmp_path: Path) -> None:
+    base_raw = copy.deepcopy(tiny_experiment)
+    base_raw["model"]["physics"] = {"enabled": False}
+    base = fit(_cfg(base_raw, tmp_path / "base.yaml", run_dir=tmp_path / "base", max_steps=2), progress=False)
+    base_sd = load_checkpoint(base.best_checkpoint)["model"]
+
+    cfg = _cfg(tiny_experiment, tmp_path / "ft.yaml", run_dir=tmp_path / "ft", init_from=base.best_checkpoint,
+               lr=5e-5, freeze_backbone=True, max_steps=2)
+    net = build_model(cfg.model, load_static(cfg.data.shards))
+    report = load_pretrained(net, cfg.train.init_from)
+    physics = {k for k in net.state_dict() if k not in base_sd}
+    assert physics and set(report.missing) == physics
+    assert all("blocks.0" in k for k in physics) and not report.unexpected
+    loaded = net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in base_sd.items())
+
+    tuned = fit(cfg, progress=False)
+    log_text = (tmp_path / "ft" / "train.log").read_text()
+    assert "missing" in log_text and sorted(physics)[0] in log_text
+    after = tuned.model.state_dict()
+    assert torch.equal(after["blocks.1.attn.qkv.weight"], base_sd["blocks.1.attn.qkv.weight"])  # frozen
+    assert not torch.equal(after["head.0.weight"], base_sd["head.0.weight"])  # the head trains
+
+
+def test_checkpoint_from_another_grid_is_refused(tiny_experiment: dict, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_experiment, tmp_path / "g.yaml", max_steps=2)
+    result = fit(cfg, progress=False)
+    ckpt = load_checkpoint(result.last_checkpoint)
+    ckpt["config"]["data"]["domain"]["n_lat"] = 16
+    other = tmp_path / "other-grid.ckpt"
+    save_atomic(ckpt, other)
+    with pytest.raises(CheckpointError, match=r"data\.domain=.*'n_lat': 16.*init_from"):
+        evaluate(cfg, checkpoint=other, progress=False)
+    save_atomic(ckpt, result.last_checkpoint)
+    with pytest.raises(CheckpointError, match=r"data\.domain"):
+        fit(cfg, resume=True, progress=False)
