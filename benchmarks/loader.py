@@ -1,0 +1,151 @@
+"""Loader throughput: ShardStream (0/1/2 workers) vs raw tar reads and xarray random access.
+
+Side by side in one run on the demo grid (32x64, 15 variables, 4 leads, 6-hourly Jan-Jun: ~480
+train samples), built inside the script with the real pipeline (synthetic source -> build ->
+shard). Reference points:
+- raw tar: every member of the same train shards read with `tarfile` (no decoding): the I/O limit;
+- xarray random access: `xarray.open_zarr` + `isel` per sample (input, targets at t + lead, scan
+  orders, wind), in random order, as xbatcher-style loaders do.
+Also measured: sha256 of all train shards (the loader's once-per-process integrity check) and the
+shard writer. Goals: loader >= 0.7x raw tar and >= 3x xarray random access. Medians of repeats;
+writes benchmarks/results/loader.json.
+
+Usage: .venv/bin/python benchmarks/loader.py [--repeats 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import write_synthetic_source  # noqa: E402  (the tests' fast synthetic source writer)
+
+from pipeline.build import build_features  # noqa: E402
+from pipeline.config import load_pipeline_config  # noqa: E402
+from pipeline.shard import write_shards  # noqa: E402
+from pipeline.shardset import read_manifest, sha256_file  # noqa: E402
+from pipeline.store import open_features  # noqa: E402
+from train.data import ShardStream  # noqa: E402
+
+BATCH = 16
+
+
+def setup(workdir: Path) -> tuple:
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["data"].update(raw=str(workdir / "raw.nc"), store=str(workdir / "features.zarr"),
+                       shards=str(workdir / "shards"))
+    raw["shard"] = {"max_count": 32}
+    path = workdir / "bench.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_pipeline_config(path)
+    if not Path(cfg.data.store).exists():
+        write_synthetic_source(cfg)
+        build_features(cfg, progress=False)
+    t0 = time.perf_counter()
+    manifest = write_shards(cfg, progress=False)
+    shard_s = time.perf_counter() - t0
+    return cfg, manifest.parent, shard_s
+
+
+def raw_tar(shards: Path, names: list[str]) -> float:
+    """Samples/s reading every member's bytes with tarfile (6 members per sample)."""
+    t0 = time.perf_counter()
+    members = 0
+    for name in names:
+        with tarfile.open(shards / name) as tar:
+            for info in tar:
+                tar.extractfile(info).read()
+                members += 1
+    return members / 6 / (time.perf_counter() - t0)
+
+
+def xarray_random(cfg, n: int, seed: int) -> float:
+    """Samples/s with open_zarr + isel per sample in random order (inputs, targets, orders, wind)."""
+    ds = open_features(cfg.data.store)
+    period = cfg.data.splits["train"]
+    times = ds.time.values
+    index = np.nonzero((times >= np.datetime64(period.start)) & (times <= np.datetime64(period.end)))[0]
+    steps = [lead // cfg.data.sample.step_hours for lead in cfg.data.leads_h]
+    tvars = list(cfg.data.targets)
+    order = np.random.default_rng(seed).permutation(index[: len(index) - max(steps)])[:n]
+    t0 = time.perf_counter()
+    for t in order:
+        ds.fields.isel(time=int(t)).values
+        ds.fields.isel(time=[int(t) + s for s in steps]).sel(var=tvars).values
+        for name in ("scan_order", "scan_order_global", "wind_speed"):
+            ds[name].isel(time=int(t)).values
+    return len(order) / (time.perf_counter() - t0)
+
+
+def loader_rate(shards: Path, workers: int, epochs: int) -> tuple[float, float]:
+    """(first-epoch samples/s incl. worker start and sha256 checks, warm samples/s median of epochs)."""
+    loader = ShardStream(shards, "train", BATCH, num_workers=workers, seed=0)
+    rates = []
+    for epoch in range(epochs + 1):
+        loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        n = sum(len(b.keys) for b in loader)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates[0], statistics.median(rates[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="reuse a directory (default: a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg, shards, shard_s = setup(workdir)
+        manifest = read_manifest(shards)
+        train = manifest["splits"]["train"]["shards"]
+        names = [s["name"] for s in train]
+        n_train = sum(s["count"] for s in train)
+        n_all = sum(s["count"] for r in manifest["splits"].values() for s in r["shards"])
+        size = sum(s["bytes"] for s in train)
+        print(f"train: {n_train} samples, {len(names)} shards, {size / 2**20:.0f} MiB; "
+              f"shard writer {n_all / shard_s:.0f} samples/s")
+        raw_tar(shards, names)  # warm the page cache so every contender reads from memory
+        tar_rates = [raw_tar(shards, names) for _ in range(args.repeats)]
+        t0 = time.perf_counter()
+        for name in names:
+            sha256_file(shards / name)
+        sha_rate = n_train / (time.perf_counter() - t0)
+        xr_rates = [xarray_random(cfg, 120, seed) for seed in range(args.repeats)]
+        loaders = {w: loader_rate(shards, w, args.repeats) for w in (0, 1, 2)}
+    tar, xra = statistics.median(tar_rates), statistics.median(xr_rates)
+    result = {
+        "grid": manifest["grid"], "variables": len(manifest["variables"]), "leads": len(manifest["leads_h"]),
+        "train_samples": n_train, "shards": len(names), "shard_bytes": size, "batch_size": BATCH,
+        "repeats": args.repeats, "shard_writer_samples_per_s": n_all / shard_s,
+        "raw_tar_samples_per_s": tar, "xarray_random_samples_per_s": xra, "sha256_samples_per_s": sha_rate,
+        "loader": {str(w): {"warm_samples_per_s": warm, "first_epoch_samples_per_s": cold,
+                            "vs_raw_tar": warm / tar, "vs_xarray_random": warm / xra}
+                   for w, (cold, warm) in loaders.items()},
+        "goals": {"vs_raw_tar": 0.7, "vs_xarray_random": 3.0},
+    }
+    print(f"raw tar {tar:.0f}/s, xarray random access {xra:.0f}/s, sha256 check {sha_rate:.0f} samples/s")
+    for w, (cold, warm) in loaders.items():
+        print(f"loader {w} workers: {warm:.0f}/s warm ({cold:.0f}/s first epoch) = {warm / tar:.2f}x raw tar, "
+              f"{warm / xra:.1f}x xarray random access")
+    out = REPO / "benchmarks" / "results" / "loader.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
