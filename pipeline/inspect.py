@@ -29,10 +29,13 @@ def _bad_rows(order: da.Array) -> da.Array:
 
 
 def _mismatched_rows(order: da.Array, sector: da.Array, attrs: dict, regions: tuple[int, int]) -> da.Array:
-    """Per time step: True where the order differs from the one the stored sectors imply."""
+    """Per time step: True where the order differs from the one the stored sectors imply.
+
+    Out-of-range sectors are clipped here (and reported separately) so this check still runs.
+    """
     grid, sectors = tuple(attrs["patch_grid"]), attrs["sectors"]
     return da.map_blocks(
-        lambda o, s: (orders_from_sectors(s, grid, regions, sectors) != o).any(axis=1),
+        lambda o, s: (orders_from_sectors(np.clip(s, -1, sectors - 1), grid, regions, sectors) != o).any(axis=1),
         order, sector.rechunk((order.chunks[0], -1)), drop_axis=1, dtype=bool,
     )
 
