@@ -51,7 +51,7 @@ BARRIER_ALPHA, BARRIER_Z0 = 2.0, 1000.0  # same form and constants as DESIGN.md'
 SPECIES = ("pm25", "coarse", "so2", "no2", "co", "o3")  # internal state, all in ug m-3
 BACKGROUND = np.array([6.0, 8.0, 1.0, 1.0, 110.0, 85.0])  # free-troposphere / inflow values, ug m-3
 DRY_DEPOSITION = np.array([0.001, 0.01, 0.005, 0.003, 0.0, 0.004])  # v_d, m s-1
-EMISSION_PER_PERSON = np.array([200.0, 120.0, 300.0, 400.0, 3000.0, 0.0])  # ug s-1 per inhabitant
+EMISSION_PER_PERSON = np.array([300.0, 150.0, 550.0, 650.0, 4500.0, 0.0])  # ug s-1 per inhabitant
 DIFFUSIVITY = 1.0e4  # m2 s-1, sub-grid horizontal mixing
 
 
@@ -109,18 +109,18 @@ def moisture_climatology(grid: Grid, land: np.ndarray) -> np.ndarray:
 
 
 def synthetic_population(grid: Grid, elevation: np.ndarray, land: np.ndarray, moisture: np.ndarray,
-                         rng: np.random.Generator, n_cities: int = 400) -> np.ndarray:
+                         rng: np.random.Generator, n_cities: int = 500) -> np.ndarray:
     """Population density (km-2): a rural background plus Gaussian cities in low, flat, moist land.
 
     City sites are drawn with probability proportional to land * exp(-z / 400 m) *
     exp(-slope / 3 m/km) * moisture, i.e. where people really settle (plains, basins, coasts).
-    Each city's inhabitants are lognormal (median 1.5 million) spread over sigma = 20-60 km; the
+    Each city's inhabitants are lognormal (median 2 million) spread over sigma = 20-60 km; the
     kernel is widened by the cell size so cell values approximate area means at any resolution.
     """
     gx, gy = grid.gradient(elevation)
     slope = np.hypot(gx, gy)
     suit = land * np.exp(-np.clip(elevation, 0, None) / 400.0) * np.exp(-slope / 3e-3) * moisture
-    rural = 120.0 * land * moisture * np.exp(-np.clip(elevation, 0, None) / 1500.0)
+    rural = 350.0 * land * np.sqrt(moisture) * np.exp(-np.clip(elevation, 0, None) / 600.0 - slope / 5e-3)
     if suit.sum() <= 0:
         return rural
     p = (suit / suit.sum()).ravel()
@@ -129,7 +129,7 @@ def synthetic_population(grid: Grid, elevation: np.ndarray, land: np.ndarray, mo
     res = grid.lat[1] - grid.lat[0] if ny > 1 else grid.lon[1] - grid.lon[0]
     clat = grid.lat[cells // nx] + rng.uniform(-0.5, 0.5, n_cities) * res
     clon = grid.lon[cells % nx] + rng.uniform(-0.5, 0.5, n_cities) * res
-    people = rng.lognormal(np.log(1.5e6), 0.9, n_cities)
+    people = rng.lognormal(np.log(2e6), 0.9, n_cities)
     sigma_km = np.hypot(rng.uniform(20.0, 60.0, n_cities), grid.dy / 1e3 / np.sqrt(12.0))
     density = rural.copy()
     lat2, lon2 = np.meshgrid(grid.lat, grid.lon, indexing="ij")
@@ -174,12 +174,15 @@ def synoptic_schedule(grid: Grid, hours: float, rng: np.random.Generator) -> Sys
 
 
 def gaussian_streamfunction(grid: Grid, lat: float, lon: float, radius: float, vmax: float) -> np.ndarray:
-    """psi = A exp(-r^2 / R^2) with A set so the maximum wind (at r = R / sqrt 2) is |vmax|."""
-    lat2 = grid.lat[:, None]
-    y = (lat2 - lat) * np.deg2rad(1.0) * R_EARTH
-    x = (grid.lon[None, :] - lon) * np.deg2rad(1.0) * R_EARTH * np.cos(np.deg2rad(0.5 * (lat2 + lat)))
+    """psi = A exp(-r^2 / R^2) with A set so the maximum wind (at r = R / sqrt 2) is |vmax|.
+
+    Distances use the metric at the system's centre latitude, which makes the Gaussian separable
+    (an outer product of two 1-D profiles): cheap enough to evaluate every hour.
+    """
+    y = (grid.lat - lat) * np.deg2rad(1.0) * R_EARTH
+    x = (grid.lon - lon) * np.deg2rad(1.0) * R_EARTH * np.cos(np.deg2rad(lat))
     amplitude = vmax * radius * np.exp(0.5) / np.sqrt(2.0)
-    return amplitude * np.exp(-(x**2 + y**2) / radius**2)
+    return np.outer(amplitude * np.exp(-(y**2) / radius**2), np.exp(-(x**2) / radius**2))
 
 
 def winter_index(time: pd.Timestamp) -> float:
@@ -281,11 +284,28 @@ class Simulation:
         self.grid, self.surface, self.origin = grid, surface, origin
         self.systems = synoptic_schedule(grid, hours, np.random.default_rng([seed, 1]))
         self.conc = np.broadcast_to(BACKGROUND[:, None, None], (len(SPECIES), *grid.shape)).copy()
-        self.coriolis = 2 * OMEGA * np.sin(np.deg2rad(grid.lat))[:, None]
-        land = surface.land
+        land, wet, z = surface.land, surface.moisture, surface.elevation
+        lat = grid.lat[:, None]
+        north = np.clip(lat - 15.0, 0.0, None)
+        self.coriolis = 2 * OMEGA * np.sin(np.deg2rad(lat))
+        # time-independent parts of the climatology, so each hour costs a few array operations
+        self.t_annual = 300.0 - 0.55 * north  # sea-level annual mean, K
+        self.t_winter = (1.0 + 0.45 * north) * (0.4 + 0.6 * land)  # seasonal amplitude, larger inland
+        self.t_diurnal = 0.8 + 5.0 * land * (1.2 - wet)  # diurnal amplitude, larger on dry land
+        self.wet_annual = 0.25 + 0.55 * wet
+        self.wet_summer = 0.2 * np.clip(north / 30.0, 0.0, 1.0) * (0.5 + 0.5 * wet)  # summer monsoon moisture
+        self.friction = 0.55 + 0.35 * (1 - land)
+        self.friction_day = 0.25 * land
+        is_land = land >= 0.5
+        self.mix_base = np.where(is_land, 450.0, 700.0)
+        self.mix_warm = np.where(is_land, 800.0 * (1.5 - wet), 0.0)
+        self.mix_wind = np.where(is_land, 60.0, 0.0)
+        self.land_cell = is_land.astype(np.float64)
+        self.lapse_drop = LAPSE * z
         self.emission = EMISSION_PER_PERSON[:, None, None] * surface.population[None] * 1e-6  # ug m-2 s-1
-        self.aridity = land * np.clip(0.45 - surface.moisture, 0.0, None) / 0.45
-        self.heating = 1.0 / (1.0 + np.exp(-(grid.lat[:, None] - 33.0) / 2.0))  # coal heating north of ~33 N
+        self.ozone_uptake = 0.15 + 0.85 * land
+        self.aridity = land * np.clip(0.45 - wet, 0.0, None) / 0.45
+        self.heating = 1.0 / (1.0 + np.exp(-(lat - 33.0) / 2.0))  # coal heating north of ~33 N
 
     def streamfunction(self, time: pd.Timestamp) -> tuple[np.ndarray, np.ndarray]:
         """(synoptic psi, seasonal psi) in m2 s-1 at `time`."""
@@ -311,43 +331,37 @@ class Simulation:
         psi_syn, psi_season = self.streamfunction(time)
         psi = psi_syn + psi_season
         dpsi_dx, dpsi_dy = g.gradient(psi)
-        jet_lat = 38.0 - 6.0 * w
+        jet_lat = 38.0 - 6.0 * w  # westerly jet: south in winter, north in summer
         u = (6.0 + 2.0 * w) * np.exp(-(((lat - jet_lat) / 9.0) ** 2)) - 1.5 * (1 + w) * np.exp(-(((lat - 15.0) / 6.0) ** 2))
         u = u - dpsi_dy
-        v = dpsi_dx + np.zeros_like(u)
-        sun = cos_zenith(g, time)
+        v = dpsi_dx
         hour = local_hour(g, time)
         day = np.clip(np.sin(np.pi * (hour - 7.0) / 11.0), 0.0, None)  # 0 at night, 1 at ~12:30 local
-        friction = 0.55 + 0.35 * (1 - sf.land) + 0.25 * sf.land * day  # daytime mixing brings momentum down
+        friction = self.friction + self.friction_day * day  # daytime mixing brings momentum down
         turn = np.deg2rad(20.0)  # Ekman turning toward low pressure (NH: anticlockwise)
         us = friction * (u * np.cos(turn) - v * np.sin(turn))
         vs = friction * (u * np.sin(turn) + v * np.cos(turn))
         us, vs = deflect_by_terrain(us, vs, sf.slope_x, sf.slope_y)
+        speed = np.hypot(us, vs)
 
-        t_sea = 300.0 - 0.55 * np.clip(lat - 15.0, 0, None) - (1.0 + 0.45 * np.clip(lat - 15.0, 0, None)) * w * (0.4 + 0.6 * sf.land)
-        t_sea = t_sea + 0.4 * dpsi_dx  # warm advection in southerlies, cold in northerlies
-        diurnal = (0.8 + 5.0 * sf.land * (1.2 - sf.moisture)) * np.cos(2 * np.pi * (hour - 15.0) / 24.0)
-        temp_mean = t_sea - LAPSE * sf.elevation
-        temp = temp_mean + diurnal
+        t_sea = self.t_annual - self.t_winter * w + 0.4 * v  # warm advection in southerlies
+        temp_mean = t_sea - self.lapse_drop
+        temp = temp_mean + self.t_diurnal * np.cos(2 * np.pi * (hour - 15.0) / 24.0)
         psfc = barometric_pressure(P_SEA + RHO_AIR * self.coriolis * psi, t_sea, sf.elevation)
-
-        wet = 0.25 + 0.55 * sf.moisture + 0.2 * (-w) * np.clip((lat - 15.0) / 30.0, 0, 1) * (1 - 0.5 * (1 - sf.moisture))
-        wet = np.clip(wet + 0.01 * dpsi_dx, 0.05, 0.97)
+        wet = np.clip(self.wet_annual - w * self.wet_summer + 0.01 * v, 0.05, 0.97)
         rh = np.clip(100.0 * wet * saturation_vapour_pressure(temp_mean) / saturation_vapour_pressure(temp), 2.0, 100.0)
 
-        speed = np.hypot(us, vs)
-        warm = 0.5 * (1 - w)
-        mix = np.where(sf.land >= 0.5, 450.0 + 800.0 * warm * (1.5 - sf.moisture) + 60.0 * speed, 700.0)
+        mix = self.mix_base + self.mix_warm * (0.5 * (1 - w)) + self.mix_wind * speed
         night = np.minimum(120.0 + 40.0 * speed, mix)
-        blh = np.where(sf.land >= 0.5, night + (mix - night) * day, mix)
-        return Weather(us, vs, temp, rh, psfc, mix, blh, sun)
+        blh = mix - (mix - night) * (1.0 - day) * self.land_cell
+        return Weather(us, vs, temp, rh, psfc, mix, blh, cos_zenith(g, time))
 
     def emissions(self, time: pd.Timestamp, wx: Weather) -> np.ndarray:
         """Emission fluxes (species, y, x) in ug m-2 s-1 at `time`."""
         w = winter_index(time)
         hour = local_hour(self.grid, time)
         traffic = 0.6 + 0.8 * np.clip(np.sin(np.pi * (hour - 5.0) / 16.0), 0.0, None)
-        heating = 1.0 + 1.2 * max(w, 0.0) * self.heating
+        heating = 1.0 + 1.5 * max(w, 0.0) * self.heating
         flux = self.emission.copy()
         flux[[0, 2, 4]] *= heating  # coal heating: primary PM2.5, SO2, CO
         flux[[3, 4]] *= traffic
@@ -362,7 +376,7 @@ class Simulation:
         c = self.conc
         fresh = flux * DT / wx.mix_depth  # ug m-3 added over the mixed layer
         c += fresh
-        c[5] -= np.minimum(0.9 * c[5], fresh[3] * (1.0 - 0.5 * np.sqrt(wx.sun)))  # NO titrates O3
+        c[5] -= np.minimum(0.9 * c[5], 0.5 * fresh[3] * (1.0 - 0.5 * np.sqrt(wx.sun)))  # NO titrates O3
         rhf, tc = wx.rh / 100.0, wx.temp - 273.15
         d = c[2] * (1.0 - np.exp(-(1.5e-6 + 6e-6 * wx.sun + 1.2e-5 * rhf**4) * DT))  # SO2 -> sulfate
         c[2] -= d
@@ -371,14 +385,15 @@ class Simulation:
         c[3] -= d
         c[0] += 1.3 * d * rhf / (1.0 + np.exp((tc - 10.0) / 5.0))
         voc = np.sqrt(c[4] / 300.0)
-        c[5] += 1.5e-4 * DT * wx.sun * c[3] / (1.0 + c[3] / 60.0) * voc * np.clip((tc + 5.0) / 30.0, 0.0, 1.3)
+        c[5] += 4.5e-4 * DT * wx.sun**1.5 * c[3] / (1.0 + c[3] / 60.0) * voc * np.clip((tc - 5.0) / 25.0, 0.0, 1.3)
         stable = np.sqrt(wx.mix_depth / wx.blh)
         loss = DRY_DEPOSITION[:, None, None] * stable / wx.mix_depth
+        loss[5] *= self.ozone_uptake  # O3 deposits on vegetation, hardly on water
         wet = 2e-5 * np.clip((wx.rh - 80.0) / 20.0, 0.0, None) ** 2
         loss[[0, 1]] += wet
         loss[2] += 0.5 * wet
         c *= np.exp(-loss * DT)
-        vent = wx.mix_depth / 1500.0 / (3 * 86400.0)
+        vent = wx.mix_depth / 1000.0 / (2 * 86400.0)  # exchange with the free troposphere
         bg = BACKGROUND[:, None, None]
         self.conc = bg + (c - bg) * np.exp(-vent * DT)
 
