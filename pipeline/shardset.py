@@ -10,7 +10,6 @@ import hashlib
 import json
 import re
 import tarfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +185,3 @@ def summarize_shard_set(path: str | Path) -> str:
     lines.append(f"  static arrays: {', '.join(manifest['static'])}")
     return "\n".join(lines)
 
-
-def member_counts(manifest: dict[str, Any], split: str) -> Counter[str]:
-    """Shard name -> sample count for one split, as the manifest records it."""
-    if split not in manifest["splits"]:
-        raise ShardSetError(f"split {split!r} is not in the shard set (it has {sorted(manifest['splits'])})")
-    return Counter({s["name"]: s["count"] for s in manifest["splits"][split]["shards"]})
