@@ -28,7 +28,6 @@ from pipeline.terrain import regrid_elevation
 
 GENERATOR_VERSION = "1"
 SPINUP_DAYS = 10  # simulated before the first time step so the first fields are not clean air
-BLOCK_STEPS = 24  # time steps per write (and HDF5 chunk): bounded memory at any grid size
 FINGERPRINT_ATTR = "sample_fingerprint"
 
 
@@ -86,6 +85,11 @@ def existing_fingerprint(path: Path) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _block_steps(cfg: PipelineConfig, times: pd.DatetimeIndex) -> int:
+    """Time steps per HDF5 chunk and per write: the build's read block, so its reads align with chunks."""
+    return min(cfg.build.time_chunk, len(times))
+
+
 def _create_layout(f: h5netcdf.File, cfg: PipelineConfig, times: pd.DatetimeIndex, lat_desc: np.ndarray,
                    lon: np.ndarray, fp: str) -> None:
     """Dims, CF coordinates, empty dynamic variables and root attrs."""
@@ -100,7 +104,7 @@ def _create_layout(f: h5netcdf.File, cfg: PipelineConfig, times: pd.DatetimeInde
     la.attrs.update(units="degrees_north", standard_name="latitude", long_name="latitude", axis="Y")
     lo = f.create_variable("longitude", ("longitude",), "f8", data=lon)
     lo.attrs.update(units="degrees_east", standard_name="longitude", long_name="longitude", axis="X")
-    chunks = (min(BLOCK_STEPS, len(times)), lat_desc.size, lon.size)
+    chunks = (_block_steps(cfg, times), lat_desc.size, lon.size)
     for spec in d.variables:
         if spec.kind == "dynamic":
             var = f.create_variable(spec.source, ("time", "latitude", "longitude"), "f4", chunks=chunks,
@@ -173,14 +177,15 @@ def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool
         with h5netcdf.File(tmp, "w") as f, tqdm(total=hours, unit="h", desc="sample", disable=not progress) as bar:
             _create_layout(f, cfg, times, grid.lat[::-1], grid.lon, fp)
             _write_static(f, _static_fields(cfg, terrain.elevation, terrain.land_sea_mask, surface.population))
-            block = {s.source: np.empty((min(BLOCK_STEPS, len(times)), *grid.shape), np.float32) for s in dynamic}
+            steps = _block_steps(cfg, times)  # memory stays bounded at any grid size and period
+            block = {s.source: np.empty((steps, *grid.shape), np.float32) for s in dynamic}
             done, last = 0, origin - pd.Timedelta(hours=1)
             for index, (time, fields) in enumerate(sim.run(times)):
                 k = index - done
                 for spec in dynamic:
                     scale, offset = transforms[spec.source]
                     block[spec.source][k] = (fields[spec.name] * scale + offset)[::-1]
-                if k + 1 == BLOCK_STEPS or index + 1 == len(times):
+                if k + 1 == steps or index + 1 == len(times):
                     for source, values in block.items():
                         f.variables[source][done : index + 1] = values[: k + 1]
                     done = index + 1

@@ -187,12 +187,12 @@ def gaussian_streamfunction(grid: Grid, lat: float, lon: float, radius: float, v
 
 def winter_index(time: pd.Timestamp) -> float:
     """+1 in mid-January, -1 in mid-July (annual harmonic)."""
-    return float(np.cos(2 * np.pi * (time.dayofyear - 15) / 365.25))
+    return float(np.cos(2 * np.pi * (time.day_of_year - 15) / 365.25))
 
 
 def cos_zenith(grid: Grid, time: pd.Timestamp) -> np.ndarray:
     """Cosine of the solar zenith angle, clipped at 0 (Cooper 1969 declination, hour angle from lon)."""
-    decl = np.deg2rad(23.44) * np.sin(2 * np.pi * (284 + time.dayofyear) / 365.0)
+    decl = np.deg2rad(23.44) * np.sin(2 * np.pi * (284 + time.day_of_year) / 365.0)
     hour = time.hour + time.minute / 60.0
     omega = np.deg2rad(15.0 * (hour + grid.lon[None, :] / 15.0 - 12.0))
     phi = np.deg2rad(grid.lat[:, None])
@@ -365,7 +365,7 @@ class Simulation:
         flux = self.emission.copy()
         flux[[0, 2, 4]] *= heating  # coal heating: primary PM2.5, SO2, CO
         flux[[3, 4]] *= traffic
-        spring = 1.0 + 1.5 * np.exp(-(((time.dayofyear - 100) / 35.0) ** 2))
+        spring = 1.0 + 1.5 * np.exp(-(((time.day_of_year - 100) / 35.0) ** 2))
         dust = 2.0 * np.clip(np.hypot(wx.u, wx.v) - 6.0, 0.0, None) ** 2 * self.aridity * spring
         flux[0] += 0.15 * dust
         flux[1] += 0.85 * dust
