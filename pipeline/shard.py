@@ -251,6 +251,13 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
     """Write (or complete) the shard set of cfg.data.store into cfg.data.shards; returns manifest.json."""
     ds = open_features(cfg.data.store)
     _check_store(ds, cfg)
+    time = ds.time.values
+    sizes = {k: int(((time >= np.datetime64(v.start)) & (time <= np.datetime64(v.end))).sum())
+             for k, v in cfg.data.splits.items()}
+    empty = [k for k, n in sizes.items() if n == 0]
+    if empty:
+        raise ValueError(f"split(s) {empty} have no time steps in {cfg.data.store} (it covers {time[0]} .. "
+                         f"{time[-1]}): fix data.splits or rebuild the store for this period")
     root = Path(cfg.data.shards)
     root.mkdir(parents=True, exist_ok=True)
     plan = {"schema_version": SCHEMA_VERSION, "fingerprint": store_fingerprint(ds), "leads_h": cfg.data.leads_h,
@@ -282,9 +289,6 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
         _atomic_write(manifest_path(root), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
     save()
-    time = ds.time.values
-    sizes = {k: int(((time >= np.datetime64(v.start)) & (time <= np.datetime64(v.end))).sum())
-             for k, v in cfg.data.splits.items()}
     with tqdm(total=sum(sizes.values()), desc="shard", unit="sample", disable=not progress) as bar:
         for split, record in manifest["splits"].items():
             record["n_times"] = sizes[split]

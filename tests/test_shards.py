@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import shutil
@@ -230,3 +231,10 @@ def test_bad_store_errors_name_the_fix(tiny_store: PipelineConfig, tmp_path: Pat
         update={"variables": variables, "shards": tmp_path / "s"})})
     with pytest.raises(ValueError, match="variables .* rebuild it"):
         write_shards(other, progress=False)
+    splits = dict(tiny_store.data.splits)
+    splits["test"] = splits["test"].model_copy(update={"start": dt.datetime(2019, 1, 1), "end": dt.datetime(2019, 2, 1)})
+    later = tiny_store.model_copy(update={"data": tiny_store.data.model_copy(
+        update={"splits": splits, "shards": tmp_path / "s"})})
+    with pytest.raises(ValueError, match=r"\['test'\] have no time steps.*fix data.splits"):
+        write_shards(later, progress=False)
+    assert not (tmp_path / "s").exists()  # nothing written before the check
