@@ -16,7 +16,7 @@ import zarr
 
 from pipeline.__main__ import main as pipeline_main
 from pipeline.config import PipelineConfig
-from pipeline.shard import write_shards
+from pipeline.shard import TAR_MTIME, TAR_OWNER, write_shards
 from pipeline.shardset import (
     SAMPLE_MEMBERS,
     STATIC_ARRAYS,
@@ -113,6 +113,9 @@ def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfi
     assert names == sorted(p.name for p in (tmp_path / "again").glob("*.tar"))
     for name in names:
         assert (tiny_shards / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    with tarfile.open(tiny_shards / names[0]) as tar:  # headers carry nothing run-specific
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar} == {
+            (TAR_MTIME, 0, 0, TAR_OWNER, TAR_OWNER, 0o444)}
     # a rerun leaves good shards untouched and rewrites a damaged one (and the ones after it) identically
     shards = tmp_path / "again"
     before = {name: (shards / name).stat().st_mtime_ns for name in names}
