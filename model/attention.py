@@ -65,7 +65,9 @@ class ChunkedBiasAttention(torch.autograd.Function):
                 leaves = [t.detach().requires_grad_(i in need) for i, t in enumerate(tensors)]
                 bias = physics.rows(dict(zip(names, leaves)), s, e)
             qc, doc = q[:, :, s:e].float(), dout[:, :, s:e]
-            p = torch.softmax(torch.matmul(qc, kf.transpose(-1, -2)) * scale + bias.detach(), dim=-1)
+            p = torch.matmul(qc, kf.transpose(-1, -2)).mul_(scale).add_(bias.detach())
+            p = p.sub_(p.amax(dim=-1, keepdim=True)).exp_()
+            p = p.div_(p.sum(dim=-1, keepdim=True))  # softmax in place: one (chunk x N) buffer per head
             dv += torch.matmul(p.transpose(-1, -2), doc)
             ds = p.mul_(torch.matmul(doc, vf.transpose(-1, -2)).sub_(delta[:, :, s:e]))  # dS = P * (dP - delta)
             dq[:, :, s:e] = torch.matmul(ds, kf) * scale

@@ -69,7 +69,7 @@ class ModelConfig(Strict):
     )
     physics: PhysicsConfig = PhysicsConfig()
     backend: Literal["auto", "sdpa", "flex"] = "auto"
-    chunk_size: int = Field(default=256, gt=0, description="query rows per bias chunk (sdpa backend)")
+    chunk_size: int = Field(default=64, gt=0, description="query rows per bias chunk (sdpa backend)")
     checkpoint_activations: bool = False
 
     @model_validator(mode="after")

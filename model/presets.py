@@ -40,7 +40,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # configs/topoflow_china.yaml: 128x256, patch 2 -> 8192 tokens, 32x32 regions
-    "reference": Preset(ModelConfig(embed_dim=768, depth=8, num_heads=8, drop_path=0.1, chunk_size=256), (128, 256), 2, (32, 32)),
+    "reference": Preset(ModelConfig(embed_dim=768, depth=8, num_heads=8, drop_path=0.1), (128, 256), 2, (32, 32)),
     # configs/demo.yaml: 32x64, patch 2 -> 512 tokens, 4x8 regions; ModelConfig defaults
     "demo": Preset(ModelConfig(), (32, 64), 2, (4, 8)),
 }

@@ -1,0 +1,170 @@
+"""Attention benchmark: one physics block, forward+backward, physics bias paths vs plain attention.
+
+CPU (always): N = 2048 and 8192 tokens, embed 64, 4 heads, batch 1; cases
+  plain       F.scaled_dot_product_attention without bias (fused kernel)
+  sdpa_cK     the model's sdpa backend, bias built per query chunk of K rows
+  naive       the reference designs' way: full (N, N) bias passed as attn_mask, autograd through it
+Each case runs in its own subprocess so the peak-memory figure (ru_maxrss high-water mark minus the
+mark after setup) belongs to that case alone; time is the median of repeats after one warm-up.
+GPU (when CUDA is available): flex vs sdpa vs plain at N = 8192 in bf16, plus the max abs difference
+of outputs and of alpha's gradient between flex and sdpa.
+Goals: physics time <= 1.5x plain, bias-path peak memory <= 1.25x plain.
+Writes benchmarks/results/attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# benchmarks/pipeline.py would shadow the `pipeline` package while this folder is sys.path[0]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from model.attention import Attention  # noqa: E402
+from model.config import PhysicsConfig  # noqa: E402
+from model.net import Block  # noqa: E402
+from model.physics import PhysicsBias, TokenFields  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
+DIM, HEADS = 64, 4
+CPU_CASES = ("plain", "sdpa_c64", "sdpa_c256", "naive")  # c64 = the model default chunk
+
+
+class NaiveAttention(Attention):
+    """Full N x N bias materialised and passed to SDPA with autograd (what the model avoids)."""
+
+    def forward(self, x, fields):
+        bsz, n, dim = x.shape
+        q, k, v = self.qkv(x).reshape(bsz, n, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = self.physics.rows(self.physics.operands(fields), 0, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(out.transpose(1, 2).reshape(bsz, n, dim))
+
+
+def make_block(case: str, n: int, device: str, dtype: torch.dtype):
+    """One transformer block for `case`, its input and the per-token fields of a 1 x n patch strip."""
+    torch.manual_seed(0)
+    grid = (n // 128, 128)
+    physics = None if case == "plain" else PhysicsBias(PhysicsConfig(), HEADS, 2.0, grid)  # model defaults
+    if case == "naive":
+        attn = NaiveAttention(DIM, HEADS, physics)
+    else:
+        backend = "flex" if case == "flex" else "sdpa"
+        chunk = int(case.split("_c")[1]) if "_c" in case else 64
+        attn = Attention(DIM, HEADS, physics, backend, chunk)
+    block = Block(DIM, HEADS, 4.0, 0.0, attn).to(device=device, dtype=dtype)
+    x = torch.randn(1, n, DIM, device=device, dtype=dtype, requires_grad=True)
+    idx = torch.arange(n, device=device)[None]
+    fields = TokenFields(torch.rand(1, n, device=device) * 4000, torch.rand(1, n, device=device) * 12, idx // grid[1], idx % grid[1])
+    return block, x, fields
+
+
+def run_cpu_case(case: str, n: int, repeats: int, threads: int) -> dict:
+    """Time and peak-memory of one case; meant to run alone in a fresh process."""
+    torch.set_num_threads(threads)
+    block, x, fields = make_block(case, n, "cpu", torch.float32)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    times = []
+    for _ in range(repeats + 1):
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        block(x, fields).square().mean().backward()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"case": case, "n": n, "time_s": statistics.median(times[1:]), "times_s": times[1:], "peak_extra_mib": (peak - base) / 1024,
+            "peak_rss_mib": peak / 1024}
+
+
+def cpu_suite(repeats: dict[int, int], threads: int) -> list[dict]:
+    rows = []
+    for n, reps in repeats.items():
+        for case in CPU_CASES:
+            cmd = [sys.executable, __file__, "--case", case, "--n", str(n), "--repeats", str(reps), "--threads", str(threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"  N={n:5d} {case:10s} {row['time_s']:8.3f} s  peak +{row['peak_extra_mib']:8.1f} MiB", flush=True)
+    for row in rows:
+        plain = next(r for r in rows if r["n"] == row["n"] and r["case"] == "plain")
+        row["time_vs_plain"] = row["time_s"] / plain["time_s"]
+        row["peak_vs_plain"] = row["peak_extra_mib"] / max(plain["peak_extra_mib"], 1e-9)
+        row["rss_vs_plain"] = row["peak_rss_mib"] / plain["peak_rss_mib"]
+    return rows
+
+
+def gpu_suite(n: int = 8192, repeats: int = 10) -> dict:
+    """flex vs sdpa vs plain on CUDA in bf16, and flex-vs-sdpa agreement of outputs and alpha grads."""
+    result = {"n": n, "dtype": "bfloat16", "device": torch.cuda.get_device_name()}
+    grads = {}
+    for case in ("plain", "sdpa_c64", "flex"):
+        block, x, fields = make_block(case, n, "cuda", torch.bfloat16)
+        times = []
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(repeats + 2):  # first calls compile flex
+            x.grad = None
+            block.zero_grad(set_to_none=True)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = block(x, fields)
+            out.float().square().mean().backward()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        result[case] = {"time_s": statistics.median(times[2:]), "peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+        if case != "plain":
+            grads[case] = (out.detach().float(), block.attn.physics.alpha.grad.float())
+    result["max_abs_diff_out"] = (grads["flex"][0] - grads["sdpa_c64"][0]).abs().max().item()
+    result["max_abs_diff_alpha_grad"] = (grads["flex"][1] - grads["sdpa_c64"][1]).abs().max().item()
+    for case in ("sdpa_c64", "flex"):
+        result[case]["time_vs_plain"] = result[case]["time_s"] / result["plain"]["time_s"]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=CPU_CASES, help="(internal) run one CPU case and print JSON")
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps ratios stable on a shared machine)")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_cpu_case(args.case, args.n, args.repeats, args.threads)))
+        return 0
+    print(f"CPU, one block fwd+bwd, embed {DIM}, {HEADS} heads, batch 1, {args.threads} thread(s)")
+    rows = cpu_suite({2048: 5, 8192: 3}, args.threads)
+    print("ratios vs plain (time | peak extra memory | peak RSS):")
+    for row in rows:
+        if row["case"] != "plain":
+            print(f"  N={row['n']:5d} {row['case']:10s} time {row['time_vs_plain']:6.2f}x  extra mem {row['peak_vs_plain']:7.2f}x  RSS {row['rss_vs_plain']:5.2f}x")
+    model_rows = [r for r in rows if r["case"] == "sdpa_c64"]
+    goals = {
+        "time_le_1.5x_plain": all(r["time_vs_plain"] <= 1.5 for r in model_rows),
+        "peak_extra_le_1.25x_plain": all(r["peak_vs_plain"] <= 1.25 for r in model_rows),
+    }
+    print("goals (model default: sdpa, chunk 64):", goals)
+    if torch.cuda.is_available():
+        gpu = gpu_suite()
+        print("GPU:", json.dumps(gpu, indent=1))
+    else:
+        gpu = {"skipped": "no CUDA device: the flex vs sdpa vs plain bf16 comparison at N=8192 needs a GPU"}
+        print("GPU part skipped: no CUDA device (flex vs sdpa vs plain, bf16, N=8192 runs when CUDA is available)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"cpu": rows, "threads": args.threads, "goals": goals, "gpu": gpu, "torch": torch.__version__}, indent=1))
+    tmp.replace(RESULTS)
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
