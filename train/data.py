@@ -87,6 +87,13 @@ class Static:
         """float64 std with zeros replaced by 1, so a constant variable normalises to 0 instead of inf."""
         return np.where(self.stats_std > 0, self.stats_std, 1.0)
 
+    @functools.cached_property
+    def member_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each .npy sample member implied by the manifest."""
+        (h, w), n_tok = self.grid, len(self.patch_elevation)
+        return {"input.npy": (len(self.variables), h, w), "target.npy": (len(self.leads_h), len(self.targets), h, w),
+                "scan_order.npy": (n_tok,), "scan_order_global.npy": (n_tok,), "wind_speed.npy": (n_tok,)}
+
     @property
     def target_index(self) -> list[int]:
         """Position of each target among the input variables."""
@@ -289,7 +296,7 @@ def _tar_members(path: Path) -> Iterator[dict[str, Any]]:
             tar.members = []  # keep memory flat on large shards
 
 
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], str]] = {}
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], str, int]] = {}
 
 
 def _npy(raw: bytes) -> np.ndarray:
@@ -307,10 +314,10 @@ def _npy(raw: bytes) -> np.ndarray:
     if meta is None:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-        _NPY_HEADERS[raw[:offset]] = (arr.dtype, arr.shape, order)
+        _NPY_HEADERS[raw[:offset]] = (arr.dtype, arr.shape, order, arr.size)
         return arr
-    dtype, shape, order = meta
-    return np.frombuffer(raw, dtype=dtype, offset=offset, count=int(np.prod(shape))).reshape(shape, order=order)
+    dtype, shape, order, count = meta
+    return np.frombuffer(raw, dtype=dtype, offset=offset, count=count).reshape(shape, order=order)
 
 
 def _decode(sample: dict[str, Any], static: Static) -> dict[str, Any]:
@@ -319,12 +326,7 @@ def _decode(sample: dict[str, Any], static: Static) -> dict[str, Any]:
     for name in SAMPLE_MEMBERS:
         raw = sample[name]
         out[name] = json.loads(raw) if name.endswith(".json") else _npy(raw)
-    h, w = static.grid
-    expected = {"input.npy": (len(static.variables), h, w),
-                "target.npy": (len(static.leads_h), len(static.targets), h, w),
-                "scan_order.npy": (len(static.patch_elevation),), "scan_order_global.npy": (len(static.patch_elevation),),
-                "wind_speed.npy": (len(static.patch_elevation),)}
-    for name, shape in expected.items():
+    for name, shape in static.member_shapes.items():
         if out[name].shape != shape:
             raise ShardSetError(f"sample {sample['__key__']} ({sample['__url__']}): {name} has shape "
                                 f"{out[name].shape}, the manifest implies {shape}: rewrite the shard set")
