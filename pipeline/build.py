@@ -64,7 +64,7 @@ def _block_task(ds: xr.Dataset, moments, path: Path, start: int, stop: int, inde
     """One delayed: write the block's time arrays with region=, then return its moments."""
     sub = ds[list(TIME_ARRAYS)].isel(time=slice(start, stop)).drop_vars(list(ds.coords))
     write = sub.to_zarr(path, region={"time": slice(start, stop)}, compute=False, consolidated=False)
-    return dask.delayed(_moments_after_write, pure=True)(write, moments[index])
+    return dask.delayed(_moments_after_write, pure=True)(write, moments.blocks[index])
 
 
 def _run_blocks(ds: xr.Dataset, moments, path: Path, cfg: PipelineConfig, scheduler: str | None, progress: bool) -> None:
@@ -77,9 +77,11 @@ def _run_blocks(ds: xr.Dataset, moments, path: Path, cfg: PipelineConfig, schedu
     if not todo:
         return
     with dask_client(cfg.build, scheduler) as client:
-        tasks = [_block_task(ds, moments, path, int(bounds[i]), int(bounds[i + 1]), i) for i in todo]
-        futures = client.compute(tasks)
-        index = {f.key: i for f, i in zip(futures, todo)}
+        futures, index = [], {}
+        for i in todo:  # submitted one by one: workers start while the next block's graph is built
+            future = client.compute(_block_task(ds, moments, path, int(bounds[i]), int(bounds[i + 1]), i))
+            futures.append(future)
+            index[future.key] = i
         bar = tqdm(total=n_blocks, initial=n_blocks - len(todo), unit="block", desc="build", disable=not progress)
         errors: dict[int, BaseException] = {}
         try:
@@ -90,7 +92,7 @@ def _run_blocks(ds: xr.Dataset, moments, path: Path, cfg: PipelineConfig, schedu
                     errors[i] = future.exception()
                     client.cancel([f for f in futures if index[f.key] > min(errors)])
                 elif future.status == "finished":
-                    block_moments[i] = future.result()
+                    block_moments[i] = future.result()[0]
                     done[i] = True
                     bar.update()
         finally:

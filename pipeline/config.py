@@ -191,6 +191,7 @@ class BuildConfig(Strict):
     threads_per_worker: int = 1
     processes: bool = Field(default=True, description="LocalCluster worker processes (False = threads in-process)")
     memory_limit: str = "auto"
+    compressor: Literal["lz4", "zstd"] = Field(default="lz4", description="Blosc codec: lz4 is fastest to read back")
     compressor_level: int = Field(default=5, ge=0, le=9)
     slurm: SlurmConfig = SlurmConfig()
 

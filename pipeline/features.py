@@ -40,11 +40,17 @@ def _sectors(u: np.ndarray, v: np.ndarray, regions: tuple[int, int], sectors: in
 
 
 def block_moments(x: np.ndarray) -> np.ndarray:
-    """(t, V, H, W) -> (1, V, 3) [count, mean, M2] per variable in float64, ignoring NaN."""
-    x = x.astype(np.float64)
-    count = np.isfinite(x).sum(axis=(0, 2, 3)).astype(np.float64)
-    mean = np.divide(np.nansum(x, axis=(0, 2, 3)), count, out=np.zeros_like(count), where=count > 0)
-    m2 = np.nansum((x - mean[None, :, None, None]) ** 2, axis=(0, 2, 3))
+    """(t, V, H, W) -> (1, V, 3) [count, mean, M2] per variable in float64, ignoring NaN/inf."""
+    finite = np.isfinite(x)
+    if finite.all():  # the usual case: float64 accumulation straight from float32, no masked copies
+        count = np.full(x.shape[1], x.size // max(x.shape[1], 1), dtype=np.float64)
+        mean = x.sum(axis=(0, 2, 3), dtype=np.float64) / np.maximum(count, 1)
+        m2 = np.array([np.square(x[:, i] - mean[i]).sum() for i in range(x.shape[1])], dtype=np.float64)
+    else:
+        x = np.where(finite, x.astype(np.float64), np.nan)
+        count = finite.sum(axis=(0, 2, 3)).astype(np.float64)
+        mean = np.divide(np.nansum(x, axis=(0, 2, 3)), count, out=np.zeros_like(count), where=count > 0)
+        m2 = np.nansum((x - mean[None, :, None, None]) ** 2, axis=(0, 2, 3))
     return np.stack([count, mean, m2], axis=-1)[None]
 
 
@@ -52,7 +58,8 @@ def _train_moments(fields: np.ndarray, times: np.ndarray, start: np.int64, end: 
     """One block's moments over its train times; NaN/inf anywhere in the block is a source error."""
     times = times.reshape(-1)
     check_finite(fields, names, times.astype("datetime64[ns]"))
-    return block_moments(fields[(times >= start) & (times <= end)])
+    first, stop = np.searchsorted(times, start, side="left"), np.searchsorted(times, end, side="right")
+    return block_moments(fields[first:stop])  # times are sorted: the train steps are one slice, no copy
 
 
 def merge_moments(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

