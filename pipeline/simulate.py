@@ -30,6 +30,7 @@ Ingredients (formulas referenced where they are textbook):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
@@ -70,12 +71,12 @@ class Grid:
     def shape(self) -> tuple[int, int]:
         return self.lat.size, self.lon.size
 
-    @property
+    @cached_property
     def dy(self) -> float:
         """Cell height (m)."""
         return R_EARTH * np.deg2rad(self.lat[1] - self.lat[0] if self.lat.size > 1 else self.lon[1] - self.lon[0])
 
-    @property
+    @cached_property
     def dx(self) -> np.ndarray:
         """Cell width per row (m), shape (n_lat, 1)."""
         res = self.lon[1] - self.lon[0] if self.lon.size > 1 else self.lat[1] - self.lat[0]
@@ -248,9 +249,11 @@ def transport(conc: np.ndarray, u: np.ndarray, v: np.ndarray, grid: Grid, elevat
     passing = np.exp(-BARRIER_ALPHA * np.clip(elevation - z_dep, 0.0, None) / BARRIER_Z0 * modulation)
     bg = background[:, None, None]
     out = conc - bg
+    arrived = np.empty_like(out)
     for _ in range(n_sub):
-        arrived = np.stack([ndimage.map_coordinates(c, coords, order=1, mode="constant", cval=0.0) for c in out])
-        out = passing * arrived + (1.0 - passing) * out
+        for s in range(out.shape[0]):
+            ndimage.map_coordinates(out[s], coords, output=arrived[s], order=1, mode="constant", cval=0.0)
+        out += passing * (arrived - out)
     return out + bg
 
 
