@@ -4,8 +4,9 @@ CPU (always): N = 2048 and 8192 tokens, embed 64, 4 heads, batch 1; cases
   plain       F.scaled_dot_product_attention without bias (fused kernel)
   sdpa_cK     the model's sdpa backend, bias built per query chunk of K rows
   naive       the reference designs' way: full (N, N) bias passed as attn_mask, autograd through it
-Each case runs in its own subprocess so the peak-memory figure (ru_maxrss high-water mark minus the
-mark after setup) belongs to that case alone; time is the median of repeats after one warm-up.
+Times are medians of repeats after one warm-up, interleaved across cases (the machine is shared);
+peak memory is measured in a fresh subprocess per case (ru_maxrss high-water mark minus the mark
+after setup) so it belongs to that case alone.
 GPU (when CUDA is available): flex vs sdpa vs plain at N = 8192 in bf16, plus the max abs difference
 of outputs and of alpha's gradient between flex and sdpa.
 Goals: physics time <= 1.5x plain, bias-path peak memory <= 1.25x plain.
@@ -68,32 +69,50 @@ def make_block(case: str, n: int, device: str, dtype: torch.dtype):
     return block, x, fields
 
 
-def run_cpu_case(case: str, n: int, repeats: int, threads: int) -> dict:
-    """Time and peak-memory of one case; meant to run alone in a fresh process."""
+def step(block, x, fields) -> float:
+    """One forward+backward; seconds."""
+    x.grad = None
+    block.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    block(x, fields).square().mean().backward()
+    return time.perf_counter() - t0
+
+
+def peak_memory(case: str, n: int, threads: int) -> dict:
+    """Peak RSS growth of one forward+backward; meant to run alone in a fresh process."""
     torch.set_num_threads(threads)
     block, x, fields = make_block(case, n, "cpu", torch.float32)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    times = []
-    for _ in range(repeats + 1):
-        x.grad = None
-        block.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        block(x, fields).square().mean().backward()
-        times.append(time.perf_counter() - t0)
+    step(block, x, fields)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"case": case, "n": n, "time_s": statistics.median(times[1:]), "times_s": times[1:], "peak_extra_mib": (peak - base) / 1024,
-            "peak_rss_mib": peak / 1024}
+    return {"peak_extra_mib": (peak - base) / 1024, "peak_rss_mib": peak / 1024}
 
 
 def cpu_suite(repeats: dict[int, int], threads: int) -> list[dict]:
+    """Peak memory first (each case in a fresh subprocess, spawned while this process is still small:
+    Linux carries the parent's RSS high-water mark into the child), then times interleaved case by
+    case (A B C D A B C D ...) so load changes on the shared machine hit every case alike."""
+    memory = {}
+    for n in repeats:
+        for case in CPU_CASES:
+            cmd = [sys.executable, __file__, "--memory-case", case, "--n", str(n), "--threads", str(threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            memory[n, case] = json.loads(out.strip().splitlines()[-1])
+    torch.set_num_threads(threads)
     rows = []
     for n, reps in repeats.items():
+        setups = {case: make_block(case, n, "cpu", torch.float32) for case in CPU_CASES}
         for case in CPU_CASES:
-            cmd = [sys.executable, __file__, "--case", case, "--n", str(n), "--repeats", str(reps), "--threads", str(threads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
+            step(*setups[case])  # warm-up
+        times: dict[str, list[float]] = {case: [] for case in CPU_CASES}
+        for _ in range(reps):
+            for case in CPU_CASES:
+                times[case].append(step(*setups[case]))
+        del setups
+        for case in CPU_CASES:
+            row = {"case": case, "n": n, "time_s": statistics.median(times[case]), "times_s": times[case], **memory[n, case]}
             rows.append(row)
-            print(f"  N={n:5d} {case:10s} {row['time_s']:8.3f} s  peak +{row['peak_extra_mib']:8.1f} MiB", flush=True)
+            print(f"  N={n:5d} {case:10s} {row['time_s']:8.3f} s  peak +{row['peak_extra_mib']:8.1f} MiB (RSS {row['peak_rss_mib']:.0f} MiB)", flush=True)
     for row in rows:
         plain = next(r for r in rows if r["n"] == row["n"] and r["case"] == "plain")
         row["time_vs_plain"] = row["time_s"] / plain["time_s"]
@@ -132,13 +151,12 @@ def gpu_suite(n: int = 8192, repeats: int = 10) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=CPU_CASES, help="(internal) run one CPU case and print JSON")
+    parser.add_argument("--memory-case", choices=CPU_CASES, help="(internal) measure one case's peak memory, print JSON")
     parser.add_argument("--n", type=int)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps ratios stable on a shared machine)")
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_cpu_case(args.case, args.n, args.repeats, args.threads)))
+    if args.memory_case:
+        print(json.dumps(peak_memory(args.memory_case, args.n, args.threads)))
         return 0
     print(f"CPU, one block fwd+bwd, embed {DIM}, {HEADS} heads, batch 1, {args.threads} thread(s)")
     rows = cpu_suite({2048: 5, 8192: 3}, args.threads)

@@ -97,6 +97,8 @@ def _remap_variables(sd: dict[str, Tensor], model_sd: dict[str, Tensor], in_vars
     names = ckpt_vars if ckpt_vars is not None else in_vars[:n_ckpt]
     var_embed = sd.pop("var_embed", None)
     new_embed = model_sd["var_embed"].clone()
+    if var_embed is not None and var_embed.shape[2] != new_embed.shape[2]:
+        sd["var_embed"], var_embed = var_embed, None  # other embed dim: reported as dropped by the caller
     for i, name in enumerate(in_vars):
         if name not in names:
             report.missing += [f"token_embeds.{i}.{rest}" for rest in ("proj.weight", "proj.bias")] + [f"var_embed[{name}]"]
@@ -104,7 +106,7 @@ def _remap_variables(sd: dict[str, Tensor], model_sd: dict[str, Tensor], in_vars
         j = names.index(name)
         for rest, value in tokens.pop(j, {}).items():
             sd[f"token_embeds.{i}.{rest}"] = value
-        if var_embed is not None and j < var_embed.shape[1] and var_embed.shape[2] == new_embed.shape[2]:
+        if var_embed is not None and j < var_embed.shape[1]:
             new_embed[:, i] = var_embed[:, j]
         if i != j or ckpt_vars is not None:
             report.remapped[name] = f"ckpt index {j} -> model index {i}"
