@@ -169,6 +169,7 @@ def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool
     grid = Grid.from_domain(d.domain)
     terrain = regrid_elevation(d.domain)
     surface = make_surface(grid, terrain.elevation, terrain.land_fraction, d.sample.seed)
+    statics = _static_fields(cfg, terrain.elevation, terrain.land_sea_mask, surface.population)
     origin = times[0] - pd.Timedelta(days=SPINUP_DAYS)
     hours = int((times[-1] - origin) / pd.Timedelta(hours=1)) + 1
     sim = Simulation(grid, surface, origin, hours, d.sample.seed)
@@ -178,7 +179,7 @@ def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool
     try:
         with h5netcdf.File(tmp, "w") as f, tqdm(total=hours, unit="h", desc="sample", disable=not progress) as bar:
             _create_layout(f, cfg, times, grid.lat[::-1], grid.lon, fp)
-            _write_static(f, _static_fields(cfg, terrain.elevation, terrain.land_sea_mask, surface.population))
+            _write_static(f, statics)
             steps = _block_steps(cfg, times)  # memory stays bounded at any grid size and period
             block = {s.source: np.empty((steps, *grid.shape), np.float32) for s in dynamic}
             done, last = 0, origin - pd.Timedelta(hours=1)
