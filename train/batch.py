@@ -36,12 +36,13 @@ class Batch:
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Any]) -> "Batch":
+        """Wrap `assemble`'s numpy arrays as tensors without copying."""
+        return cls(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "Batch":
-        """Called by torch's DataLoader when pin_memory=True (custom types must pin themselves)."""
-        return self._map(lambda t: t.pin_memory())
 
     def order_for(self, scan: Literal["regional", "global", "none"]) -> torch.Tensor | None:
         """The (B, L) scan order for a model's `scan` setting; None means identity (spatial order)."""
@@ -69,9 +70,13 @@ def _normalise(a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 
 def assemble(samples: list[dict[str, Any] | None], static: Any, lead_index: np.ndarray | None,
-             skipped_shards: list[str]) -> Batch:
-    """Decoded samples (None = eval padding) -> Batch. `lead_index` (B,) picks one lead per sample
-    (train); None keeps all leads (eval)."""
+             skipped_shards: list[str]) -> dict[str, Any]:
+    """Decoded samples (None = eval padding) -> the fields of a Batch as numpy arrays (`Batch.from_arrays`).
+    `lead_index` (B,) picks one lead per sample (train); None keeps all leads (eval).
+
+    Numpy, not tensors, because loader workers pass batches to the main process: pickled arrays
+    travel in one message, while each tensor costs torch a shared-memory segment and a file
+    descriptor (benchmarks/loader.py)."""
     v, (h, w) = len(static.variables), static.grid
     n_leads, p, n_tok = len(static.leads_h), len(static.targets), len(static.patch_elevation)
     b = len(samples)
@@ -98,9 +103,6 @@ def assemble(samples: list[dict[str, Any] | None], static: Any, lead_index: np.n
     mask = np.isfinite(target) & static.loss_mask
     y = _normalise(target, tm, ts)
     y[~mask] = 0.0
-    return Batch(
-        x=torch.from_numpy(x), y=torch.from_numpy(y), mask=torch.from_numpy(mask),
-        lead_times=torch.from_numpy(lead_times), scan_order=torch.from_numpy(order),
-        scan_order_global=torch.from_numpy(order_global), wind_speed=torch.from_numpy(wind),
-        valid=torch.from_numpy(valid), keys=keys, times=times, skipped_shards=list(skipped_shards),
-    )
+    return {"x": x, "y": y, "mask": mask, "lead_times": lead_times, "scan_order": order,
+            "scan_order_global": order_global, "wind_speed": wind, "valid": valid, "keys": keys, "times": times,
+            "skipped_shards": list(skipped_shards)}

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
@@ -367,7 +366,7 @@ class _Stream:
                 raise CorruptShardError(f"worker {worker} of rank {self.rank} could not read a single sample from "
                                         f"its shards {[s['name'] for s in shards]}: rewrite the shard set")
 
-    def batches(self, epoch: int, worker: int, position: int) -> Iterator[Batch]:
+    def batches(self, epoch: int, worker: int, position: int) -> Iterator[dict[str, Any]]:
         """This worker's batches of `epoch`, skipping those delivered before `position` (rank-wide)."""
         static = load_static(self.root)
         plan = self.plan(epoch)
@@ -396,7 +395,7 @@ class _WorkerDataset(IterableDataset):
         self.stream = stream
         self.control = multiprocessing.get_context().Array("q", 2, lock=False)  # epoch, position
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         return self.stream.batches(int(self.control[0]), info.id if info else 0, int(self.control[1]))
 
@@ -463,7 +462,7 @@ class ShardStream:
                              "(saved, now); resume with the same seed, world size, workers, batch size and split")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
-    def _batches(self) -> Iterator[Batch]:
+    def _batches(self) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
             plan = self._stream.plan(self.epoch)
             streams = [self._stream.batches(self.epoch, w, self.position) for w in range(len(plan.quotas))]
@@ -471,8 +470,7 @@ class ShardStream:
             return (next(streams[w]) for w in order)
         if self._loader is None:
             self._loader = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers,
-                                      persistent_workers=True, prefetch_factor=self._prefetch_factor,
-                                      pin_memory=torch.cuda.is_available())
+                                      persistent_workers=True, prefetch_factor=self._prefetch_factor)
         self._dataset.control[0], self._dataset.control[1] = self.epoch, self.position
         return iter(self._loader)
 
@@ -481,7 +479,8 @@ class ShardStream:
             self.position = 0
         batches = self._batches()
         try:
-            for batch in batches:
+            for arrays in batches:
+                batch = Batch.from_arrays(arrays)
                 self.position += 1
                 self.skipped_shards.update(batch.skipped_shards)
                 yield batch
