@@ -116,3 +116,24 @@ def test_best_k_keeps_the_lowest(tmp_path) -> None:
     assert names == ["best-val_loss=0.3557-step=3.ckpt", "best-val_loss=0.4000-step=1.ckpt"]
     assert best_checkpoints(tmp_path)[0][0] == pytest.approx(0.3557)
     assert default_checkpoint(tmp_path).name == "best-val_loss=0.3557-step=3.ckpt"
+
+
+def test_residual_forecast_starts_at_persistence() -> None:
+    from types import SimpleNamespace
+
+    from train.batch import Batch
+    from train.fit import forward
+
+    static = SimpleNamespace(variables=["u", "pm25", "o3"], targets=["o3", "pm25"])
+    x = torch.randn(2, 3, 4, 6)
+    batch = Batch(x=x, y=torch.zeros(2, 2, 4, 6), mask=torch.ones(2, 2, 4, 6, dtype=torch.bool),
+                  lead_times=torch.tensor([6.0, 12.0]), scan_order=torch.zeros(2, 6, dtype=torch.long),
+                  scan_order_global=torch.zeros(2, 6, dtype=torch.long), wind_speed=torch.zeros(2, 6),
+                  valid=torch.ones(2, dtype=torch.bool), keys=["a", "b"], times=["t", "t"], skipped_shards=[])
+
+    def delta(x, lead, variables, order, wind):  # a network that predicts "no change" plus a constant
+        return torch.full((x.shape[0], 2, 4, 6), 0.5)
+
+    out = forward(delta, batch, static, "none", residual=True)
+    torch.testing.assert_close(out, x[:, [2, 1]] + 0.5)
+    torch.testing.assert_close(forward(delta, batch, static, "none", residual=False), torch.full((2, 2, 4, 6), 0.5))

@@ -40,6 +40,11 @@ class TrainConfig(Strict):
     weight_decay: float = Field(default=0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = Field(default=1.0, gt=0, description="max global grad norm; None = no clipping")
+    residual: bool = Field(
+        default=False,
+        description="predict the change from the input's target fields (starts at persistence skill) instead of "
+                    "the fields themselves (ClimaX); keep False to fine-tune ClimaX-style checkpoints",
+    )
     accumulate: int = Field(default=1, gt=0, description="micro-batches per optimiser step")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="bf16", description="autocast dtype on CUDA (fp16 adds a GradScaler for pre-Ampere GPUs); CPU runs fp32"

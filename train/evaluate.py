@@ -52,6 +52,7 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
     static = load_static(cfg.data.shards)
     check_shards_match(cfg.data, static)
     model_cfg = ModelConfig.model_validate(ckpt["config"]["model"])  # the architecture it was trained with
+    residual = bool(ckpt["config"]["train"]["residual"])
     net = build_model(model_cfg, static).to(env.device)
     net.load_state_dict(ckpt["model"])
     net.eval()
@@ -79,7 +80,7 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
             persistence = (batch.x[:, channels] * t_std + t_mean).cpu().numpy()
             for li, lead in enumerate(leads):
                 with autocast(env, cfg.train.precision):
-                    norm = forward(net, batch, static, model_cfg.scan, batch.lead_times[li].expand(batch.x.shape[0]))
+                    norm = forward(net, batch, static, model_cfg.scan, residual, batch.lead_times[li].expand(batch.x.shape[0]))
                 pred = (norm.float() * t_std + t_mean).cpu().numpy()
                 truth = (batch.y[:, li] * t_std + t_mean).cpu().numpy()
                 mask = batch.mask[:, li].cpu().numpy()
@@ -121,7 +122,7 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
         "checkpoint": str(path),
         "step": str(ckpt.get("step")),
         "split": f"{ecfg.split} ({n_batches} batches of {cfg.train.eval_batch_size})",
-        "model": f"scan={model_cfg.scan}, physics={'on' if model_cfg.physics.enabled else 'off'}",
+        "model": f"scan={model_cfg.scan}, physics={'on' if model_cfg.physics.enabled else 'off'}, residual={residual}",
         "learned alpha": ", ".join(f"{k}={np.round(v, 3).tolist()}" for k, v in alphas.items()) or "n/a (physics off)",
     }
     report = out_dir / "report.md"

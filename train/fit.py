@@ -74,10 +74,18 @@ def autocast(env: DistEnv, precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def forward(net: nn.Module, batch: Batch, static: Static, scan: str, lead_times: torch.Tensor | None = None) -> torch.Tensor:
-    """The model on one batch (normalised in and out), scan order chosen by the model config."""
+def forward(net: nn.Module, batch: Batch, static: Static, scan: str, residual: bool,
+            lead_times: torch.Tensor | None = None) -> torch.Tensor:
+    """The model on one batch (normalised in and out), scan order chosen by the model config.
+
+    residual: the network predicts the change from the input's target channels, so the forecast
+    starts at persistence (targets share their input variable's statistics, so the sum is exact).
+    """
     lead = batch.lead_times if lead_times is None else lead_times
-    return net(batch.x, lead, static.variables, batch.order_for(scan), batch.wind_speed)
+    out = net(batch.x, lead, static.variables, batch.order_for(scan), batch.wind_speed)
+    if residual:
+        out = out + batch.x[:, [static.variables.index(t) for t in static.targets]]
+    return out
 
 
 @torch.no_grad()
@@ -92,7 +100,7 @@ def validate(net: nn.Module, loader: ShardStream, static: Static, cfg: Experimen
         batch = batch.to(env.device, non_blocking=True)
         for li, lead in enumerate(batch.lead_times):
             with autocast(env, cfg.train.precision):
-                preds = forward(net, batch, static, cfg.model.scan, lead.expand(batch.x.shape[0]))
+                preds = forward(net, batch, static, cfg.model.scan, cfg.train.residual, lead.expand(batch.x.shape[0]))
             num, den = weighted_sq_sums(preds, batch.y[:, li], batch.mask[:, li], lat_w)
             sums += torch.stack([num, den]).double()
     net.train()
@@ -294,7 +302,7 @@ class Trainer:
             no_sync = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
             with no_sync:
                 with autocast(env, tcfg.precision):
-                    preds = forward(self.model, batch, self.static, self.cfg.model.scan)
+                    preds = forward(self.model, batch, self.static, self.cfg.model.scan, tcfg.residual)
                 loss = weighted_mse(preds, batch.y, batch.mask, self.lat_w)
                 self.scaler.scale(loss / tcfg.accumulate).backward()
             value = loss.detach().double()
