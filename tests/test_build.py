@@ -25,9 +25,9 @@ from conftest import tiny_raw_config, write_config, write_synthetic_source
 
 
 def in_process(tmp_path: Path, **build_overrides) -> PipelineConfig:
-    """Tiny config whose cluster is one in-process worker (fast), written with its source."""
+    """Tiny config (3 blocks of 16 steps) on one in-process worker (fast), written with its source."""
     raw = tiny_raw_config(tmp_path)
-    raw["build"].update({"processes": False, **build_overrides})
+    raw["build"].update({"processes": False, "time_chunk": 16, **build_overrides})
     cfg = load_pipeline_config(write_config(raw, tmp_path / "tiny.yaml"))
     write_synthetic_source(cfg)
     return cfg
@@ -57,7 +57,7 @@ def test_store_opens_with_named_dims_and_cf_attrs(built):
         assert ds[name].dims == dims
     assert list(ds["var"].values) == built.data.variable_names
     assert (np.diff(ds["lat"].values) > 0).all()
-    assert ds["fields"].encoding["chunks"] == (8, 15, 8, 16)
+    assert ds["fields"].encoding["chunks"] == (16, 15, 8, 16)
     assert ds.attrs["build_state"] == "complete" and ds.attrs["grid"] == [8, 16]
     assert ds.attrs["provenance"]["config_hash"] and ds["lat"].attrs["standard_name"] == "latitude"
     assert ds["scan_order"].dtype == np.int16
@@ -133,7 +133,7 @@ def test_merged_moments_are_nan_aware():
 def test_resume_after_failure_equals_uninterrupted(tmp_path, built, monkeypatch):
     cfg = in_process(tmp_path)
     shutil.copy2(built.data.raw, cfg.data.raw)  # same bytes and mtime -> same fingerprint as `built`
-    fail_from = np.datetime64("2018-01-04T00:00").astype("datetime64[ns]").view(np.int64)  # block 3 of 6
+    fail_from = np.datetime64("2018-01-05T00:00").astype("datetime64[ns]").view(np.int64)  # block 2 of 0..2
     original = pipeline.features._train_moments
 
     def failing(fields, times, *args):
@@ -149,7 +149,7 @@ def test_resume_after_failure_equals_uninterrupted(tmp_path, built, monkeypatch)
     assert not Path(cfg.data.store).exists()
     assert zarr.open_group(str(partial)).attrs["build_state"] == "building"
     done = zarr.open_group(str(partial / PROGRESS_GROUP))["done"][:]
-    assert done[:3].any() and not done[3:].any()
+    assert done[:2].any() and not done[2:].any()
     with pytest.raises(StoreError, match="resume"):
         open_features(cfg.data.store)
     finished = {p: p.stat().st_mtime_ns for i in np.flatnonzero(done) for p in [partial / f"fields/c/{i}/0/0/0"]}
@@ -185,11 +185,11 @@ def test_changed_config_or_source_is_refused_unless_overwrite(tmp_path, built):
 
 
 def test_zarr_format_2_on_request(tmp_path):
-    cfg = in_process(tmp_path, zarr_format=2, time_chunk=16)
+    cfg = in_process(tmp_path, zarr_format=2, time_chunk=48)
     build_features(cfg, progress=False)
     assert zarr.open_group(cfg.data.store).metadata.zarr_format == 2
     ds = open_features(cfg.data.store)
-    assert ds["fields"].encoding["chunks"] == (16, 15, 8, 16)
+    assert ds["fields"].encoding["chunks"] == (48, 15, 8, 16)
     assert np.isfinite(ds["stats_std"].values).all()
 
 

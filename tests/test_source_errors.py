@@ -74,14 +74,14 @@ def test_grid_not_divisible_by_patch_times_regions(tmp_path):
 
 def test_nan_in_dynamic_field_names_variable_and_first_time(tmp_path, tiny_source):
     raw = tiny_raw_config(tmp_path)
-    raw["build"]["processes"] = False
+    raw["build"].update(processes=False, time_chunk=24)  # NaNs in both blocks: the earlier one is reported
     cfg = load_pipeline_config(write_config(raw, tmp_path / "tiny.yaml"))
 
     def holes(ds):
-        ds["no2"][30, 2, 3] = np.nan
-        ds["no2"][40, 1, 1] = np.nan
+        ds["no2"][40, 2, 3] = np.nan
+        ds["no2"][20, 1, 1] = np.nan
     corrupt(cfg, tiny_source, holes)
-    with pytest.raises(SourceError, match=r"'no2' contains NaN.*first at time 2018-01-04 18:00"):
+    with pytest.raises(SourceError, match=r"'no2' contains NaN.*first at time 2018-01-03 12:00"):
         build_features(cfg, progress=False)
     assert_nothing_finished(cfg)
     assert zarr.open_group(str(partial_path(cfg.data.store))).attrs["build_state"] == "building"
