@@ -147,3 +147,15 @@ def tiny_experiment(tiny_store: PipelineConfig, tiny_shards: Path, tmp_path: Pat
     raw["train"] = {"run_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 2, "eval_batch_size": 4,
                     "warmup_steps": 1, "val_every": 2, "checkpoint_every": 2, "log_every": 1, "lr": 1e-3}
     return raw
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Run a test with one torch thread: on tiny tensors on a busy 2-core CI, intra-op threads cost far
+    more than they gain (a 32-token forward takes 0.8 s with 2 oversubscribed threads, 0.07 s with 1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,6 +9,8 @@ from model.attention import physics_attention
 from model.config import PhysicsConfig
 from model.physics import PhysicsBias, TokenFields
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 OPTIONS = [
     {},
     {"form": "multiplicative", "direction": "key_higher", "wind_mod": "local"},

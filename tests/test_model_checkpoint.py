@@ -7,6 +7,8 @@ import torch
 
 from model import CheckpointError, ModelConfig, TopoFlowClimaX, load_pretrained
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 CFG = {"embed_dim": 32, "depth": 2, "num_heads": 4}
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model import ModelConfig, TopoFlowClimaX, estimate_memory
 from model.__main__ import main as model_cli
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 VARS = ["u", "v", "temp", "pm25", "elevation"]
 GRID, PATCH, REGIONS = (8, 16), 2, (2, 2)  # 4x8 patches = 32 tokens, 2x4 patches per region
@@ -34,9 +38,18 @@ def batch(b: int = 3, seed: int = 1):
     return x, torch.tensor([12.0, 24.0, 96.0][:b]), orders, torch.rand(b, L, generator=gen) * 12
 
 
-def test_spatial_scan_pos_output_is_independent_of_the_scan_order():
-    net = make()
-    x, lt, orders, ws = batch()
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    form=st.sampled_from(["additive", "multiplicative"]),
+    direction=st.sampled_from(["uphill", "key_higher"]),
+    wind_mod=st.sampled_from(["none", "global", "local"]),
+    granularity=st.sampled_from(["patch", "region"]),
+)
+def test_spatial_scan_pos_output_is_independent_of_the_scan_order(seed, form, direction, wind_mod, granularity):
+    """Holds only if elevation, wind speed and coordinates are permuted exactly like the tokens."""
+    net = make(physics={"form": form, "direction": direction, "wind_mod": wind_mod, "granularity": granularity})
+    x, lt, orders, ws = batch(seed=seed)
     with torch.no_grad():
         plain = net(x, lt, VARS, None, ws)
         scanned = net(x, lt, VARS, orders, ws)

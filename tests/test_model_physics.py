@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from model.config import PhysicsConfig
 from model.physics import PhysicsBias, TokenFields, t5_bucket
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def numpy_bias(z, w, alpha, cfg: PhysicsConfig) -> np.ndarray:
     """(B, H, N, N) bias written straight from DESIGN.md, independent of model.physics."""

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from model.scan import scan_order_from_wind
 from pipeline.scan import scan_orders
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 @settings(max_examples=25, deadline=None)
 @given(
