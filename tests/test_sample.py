@@ -29,10 +29,11 @@ def _cell(domain: DomainConfig, field: np.ndarray, lat: float, lon: float) -> fl
     return float(field[i, j])
 
 
-def _config(tmp_path: Path, **sample):
+def _config(tmp_path: Path, time_chunk: int = 8, **sample):
     tmp_path.mkdir(parents=True, exist_ok=True)
     raw = tiny_raw_config(tmp_path)
     raw["data"]["sample"].update(sample)
+    raw["build"]["time_chunk"] = time_chunk
     return load_pipeline_config(write_config(raw, tmp_path / "tiny.yaml"))
 
 
@@ -113,7 +114,7 @@ def test_layout_matches_what_the_build_reads(tiny_sample, tmp_path):
 
 
 def test_deterministic_and_seeded(tiny_sample, tmp_path):
-    again = _config(tmp_path / "a")
+    again = _config(tmp_path / "a", time_chunk=5)  # other write blocks, same data
     other = _config(tmp_path / "b", seed=7)
     a = xr.open_dataset(tiny_sample.data.raw)
     b = xr.open_dataset(write_sample(again, progress=False))
