@@ -42,7 +42,10 @@ def shard_name(split: str, number: int) -> str:
 
 
 def sample_key(split: str, index: int) -> str:
-    """`{split}_{index:08d}`: no dots, because webdataset splits member names at the first dot."""
+    """`{split}_{index:08d}`, index = position of the input time in its split (dropped ones count too).
+
+    No dots, because webdataset splits member names at the first dot.
+    """
     return f"{split}_{index:08d}"
 
 
