@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import h5netcdf
@@ -23,10 +24,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import PipelineConfig, load_pipeline_config
+from pipeline import simulate, terrain
 from pipeline.simulate import Grid, Simulation, make_surface
 from pipeline.terrain import regrid_elevation
 
-GENERATOR_VERSION = "1"
 SPINUP_DAYS = 10  # simulated before the first time step so the first fields are not clean air
 FINGERPRINT_ATTR = "sample_fingerprint"
 
@@ -46,11 +47,19 @@ CONVERSIONS = {  # (canonical, declared) -> (scale, offset): declared = canonica
 }
 
 
+def _generator_hash() -> str:
+    """Hash of the generator's code, so a changed simulation is never mistaken for an up-to-date file."""
+    h = hashlib.sha256()
+    for module in (simulate, terrain, sys.modules[__name__]):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(cfg: PipelineConfig) -> str:
-    """Hash of everything that shapes the sample's bytes (domain, period, seed, variables, statics)."""
+    """Hash of everything that shapes the sample's bytes (domain, period, seed, variables, statics, code)."""
     d = cfg.data
     parts = {
-        "generator": GENERATOR_VERSION,
+        "generator": _generator_hash(),
         "domain": d.domain.model_dump(mode="json"),
         "sample": d.sample.model_dump(mode="json"),
         "variables": [v.model_dump(mode="json") for v in d.variables],
@@ -162,14 +171,14 @@ def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool
                 f"{path} exists and was not written by `pipeline sample` (or is unreadable); refusing to replace "
                 "it: move it away, point data.raw elsewhere, or pass --overwrite"
             )
-        print(f"sample {path} was made from another config (fingerprint {old} -> {fp}); regenerating")
+        print(f"sample {path} was made from another config or generator (fingerprint {old} -> {fp}); regenerating")
     dynamic = [s for s in d.variables if s.kind == "dynamic"]
     transforms = {s.source: _unit_transform(s.name, s.units) for s in dynamic}
     times = pd.date_range(d.sample.period.start, d.sample.period.end, freq=f"{d.sample.step_hours}h")
     grid = Grid.from_domain(d.domain)
-    terrain = regrid_elevation(d.domain)
-    surface = make_surface(grid, terrain.elevation, terrain.land_fraction, d.sample.seed)
-    statics = _static_fields(cfg, terrain.elevation, terrain.land_sea_mask, surface.population)
+    ground = regrid_elevation(d.domain)
+    surface = make_surface(grid, ground.elevation, ground.land_fraction, d.sample.seed)
+    statics = _static_fields(cfg, ground.elevation, ground.land_sea_mask, surface.population)
     origin = times[0] - pd.Timedelta(days=SPINUP_DAYS)
     hours = int((times[-1] - origin) / pd.Timedelta(hours=1)) + 1
     sim = Simulation(grid, surface, origin, hours, d.sample.seed)

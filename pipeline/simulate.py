@@ -21,7 +21,8 @@ Ingredients (formulas referenced where they are textbook):
 - transport: semi-Lagrangian advection (bilinear `scipy.ndimage.map_coordinates`, sub-stepped so
   no step moves air more than one cell), explicit horizontal diffusion, and a terrain barrier: air
   arriving from a departure point lower than the receiver passes only a fraction
-  exp(-2 relu(z_r - z_d) / 1000 m * m(w)), m(w) = 1 - 0.5 sigmoid(w - 5) (DESIGN.md's barrier);
+  exp(-2 relu(z_r - z_d) / 1000 m * m(w)), m(w) = 1 - 0.5 sigmoid(w - 5) (DESIGN.md's barrier),
+  the rest is replaced by background air (lifted out of the boundary layer);
 - chemistry/loss: SO2 -> sulfate (gas + aqueous, faster when humid), NO2 -> nitrate (cold, humid),
   daytime O3 production from NO2 photolysis (saturating in NO2), NO titration of O3 at emission,
   dry deposition v_d / h, wet scavenging at high RH, venting to the free troposphere.
@@ -205,16 +206,24 @@ def local_hour(grid: Grid, time: pd.Timestamp) -> np.ndarray:
     return ((time.hour + time.minute / 60.0 + grid.lon[None, :] / 15.0) % 24.0)
 
 
+def wind_modulation(speed: np.ndarray) -> np.ndarray:
+    """m(w) = 1 - 0.5 sigmoid(w - 5), w in m/s: DESIGN.md's barrier modulation (strong wind crosses ridges)."""
+    return 1.0 - 0.5 / (1.0 + np.exp(-(speed - 5.0)))
+
+
 def deflect_by_terrain(u: np.ndarray, v: np.ndarray, slope_x: np.ndarray, slope_y: np.ndarray,
                        scale: float = 2e-3) -> tuple[np.ndarray, np.ndarray]:
-    """Remove the upslope wind component in proportion 1 - exp(-|grad z| / scale).
+    """Remove the upslope wind component in proportion (1 - exp(-|grad z| / scale)) m(w).
 
-    Stable air flows around rather than over mountains; on a slope of a few m/km the upslope part
-    is almost gone, so the flow turns along the contours. Downslope flow is left alone.
+    Stable air flows around rather than over mountains (low Froude number); on a slope of a few
+    m/km the upslope part of a light wind is almost gone, so the flow turns along the contours.
+    Strong wind keeps up to half of it (m(w) -> 0.5), as flow over ridges needs a high Froude
+    number. Downslope flow is left alone.
     """
     steep = np.hypot(slope_x, slope_y)
     ex, ey = slope_x / np.maximum(steep, 1e-12), slope_y / np.maximum(steep, 1e-12)
-    upslope = np.clip(u * ex + v * ey, 0.0, None) * (1.0 - np.exp(-steep / scale))
+    damping = (1.0 - np.exp(-steep / scale)) * wind_modulation(np.hypot(u, v))
+    upslope = np.clip(u * ex + v * ey, 0.0, None) * damping
     return u - upslope * ex, v - upslope * ey
 
 
@@ -235,17 +244,18 @@ def transport(conc: np.ndarray, u: np.ndarray, v: np.ndarray, grid: Grid, elevat
 
     Sub-steps keep each departure point within one cell (CFL <= 1). Departure values are bilinear
     (convex weights, so positivity is kept); air from outside the domain has the background value.
-    At each receiver, only exp(-alpha relu(z_r - z_d) / z0 * m(w)) of the departing air arrives
-    (alpha 2, z0 1000 m, m(w) = 1 - 0.5 sigmoid(w - 5)): uphill transport is blocked, less so in
-    strong wind; the rest of the cell keeps its own air.
+    At each receiver, only exp(-alpha relu(z_r - z_d) / z0 * m(w)) of the departing air's excess
+    over the background arrives (alpha 2, z0 1000 m, m(w) = 1 - 0.5 sigmoid(w - 5)); the rest is
+    lifted out of the boundary layer and replaced by background air from aloft. The product over
+    sub-steps depends only on the total rise, so uphill transport is blocked the same way at any
+    step size, and less so in strong wind.
     """
     cx, cy = u * dt / grid.dx, v * dt / grid.dy
     n_sub = max(1, int(np.ceil(max(np.abs(cx).max(), np.abs(cy).max()))))
     rows, cols = np.indices(grid.shape, dtype=np.float64)
     coords = np.stack([rows - cy / n_sub, cols - cx / n_sub])
     z_dep = ndimage.map_coordinates(elevation, coords, order=1, mode="nearest")
-    speed = np.hypot(u, v)
-    modulation = 1.0 - 0.5 / (1.0 + np.exp(-(speed - 5.0)))
+    modulation = wind_modulation(np.hypot(u, v))
     passing = np.exp(-BARRIER_ALPHA * np.clip(elevation - z_dep, 0.0, None) / BARRIER_Z0 * modulation)
     bg = background[:, None, None]
     out = conc - bg
@@ -253,7 +263,7 @@ def transport(conc: np.ndarray, u: np.ndarray, v: np.ndarray, grid: Grid, elevat
     for _ in range(n_sub):
         for s in range(out.shape[0]):
             ndimage.map_coordinates(out[s], coords, output=arrived[s], order=1, mode="constant", cval=0.0)
-        out += passing * (arrived - out)
+        out = passing * arrived
     return out + bg
 
 
