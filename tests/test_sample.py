@@ -175,6 +175,12 @@ def test_physical_sanity(demo_winter):
     assert -0.009 < slope < -0.004  # K per m: the 6.5 K/km lapse rate shows through the climatology
     hourly = ds.pm2p5.values[:, plains].mean(1)
     assert hourly.std() / hourly.mean() > 0.1  # weather and the boundary layer move it around
+    hour = ds.time.dt.hour.values
+    night, afternoon = hourly[hour == 18].mean(), hourly[hour == 6].mean()  # ~02 and ~14 local time in China
+    assert night > 1.3 * afternoon  # shallow nocturnal boundary layer concentrates, daytime mixing dilutes
+    land = ds.lsm.values == 1
+    pop = ds.population.values
+    assert (pop[land] * z[land]).sum() / pop[land].sum() < 0.3 * z[land].mean()  # people live low
 
 
 def test_barometric_and_magnus_formulas():
