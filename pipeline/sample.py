@@ -41,6 +41,13 @@ CANONICAL_UNITS = {
     "u": "m s-1", "v": "m s-1", "temp": "K", "rh": "%", "psfc": "Pa", "pm25": "ug m-3", "pm10": "ug m-3",
     "so2": "ug m-3", "no2": "ug m-3", "co": "mg m-3", "o3": "ug m-3", "elevation": "m", "population": "km-2",
 }
+STANDARD_NAMES = {  # CF standard names of the simulated dynamic fields
+    "u": "eastward_wind", "v": "northward_wind", "temp": "air_temperature", "rh": "relative_humidity",
+    "psfc": "surface_air_pressure", "pm25": "mass_concentration_of_pm2p5_ambient_aerosol_particles_in_air",
+    "pm10": "mass_concentration_of_pm10_ambient_aerosol_particles_in_air",
+    "so2": "mass_concentration_of_sulfur_dioxide_in_air", "no2": "mass_concentration_of_nitrogen_dioxide_in_air",
+    "co": "mass_concentration_of_carbon_monoxide_in_air", "o3": "mass_concentration_of_ozone_in_air",
+}
 CONVERSIONS = {  # (canonical, declared) -> (scale, offset): declared = canonical * scale + offset
     ("K", "degC"): (1.0, -273.15), ("Pa", "hPa"): (0.01, 0.0), ("%", "1"): (0.01, 0.0),
     ("ug m-3", "mg m-3"): (1e-3, 0.0), ("mg m-3", "ug m-3"): (1e3, 0.0), ("m", "km"): (1e-3, 0.0),
@@ -118,7 +125,7 @@ def _create_layout(f: h5netcdf.File, cfg: PipelineConfig, times: pd.DatetimeInde
         if spec.kind == "dynamic":
             # uncompressed: zlib (even level 1 + shuffle) cost ~20x the plain write for files only ~25% smaller
             var = f.create_variable(spec.source, ("time", "latitude", "longitude"), "f4", chunks=chunks)
-            var.attrs.update(units=spec.units, long_name=f"{spec.name} (simulated)")
+            var.attrs.update(units=spec.units, standard_name=STANDARD_NAMES[spec.name], long_name=f"{spec.name} (simulated)")
     f.attrs.update(
         Conventions="CF-1.8",
         title="TopoFlow embedded sample: simulated surface meteorology and air quality on real terrain",
@@ -129,28 +136,36 @@ def _create_layout(f: h5netcdf.File, cfg: PipelineConfig, times: pd.DatetimeInde
     )
 
 
-def _write_static(f: h5netcdf.File, fields: dict[str, tuple[np.ndarray, str]]) -> None:
-    """Static (latitude, longitude) variables; `fields` maps source name -> (values, units)."""
-    for source, (values, units) in fields.items():
+STATIC_ATTRS = {
+    "elevation": {"standard_name": "surface_altitude", "long_name": "area-mean elevation (pvlib Altitude.h5; sea 0 m)"},
+    "population": {"long_name": "synthetic population density (cities in low, flat, moist land)"},
+    "loss_mask": {"standard_name": "land_binary_mask", "long_name": "land-sea mask (1 where >= half the cell is land)"},
+}
+
+
+def _write_static(f: h5netcdf.File, fields: dict[str, tuple[np.ndarray, dict]]) -> None:
+    """Static (latitude, longitude) variables; `fields` maps source name -> (values, attrs)."""
+    for source, (values, attrs) in fields.items():
         var = f.create_variable(source, ("latitude", "longitude"), "f4", data=values[::-1].astype(np.float32))
-        var.attrs["units"] = units
+        var.attrs.update(attrs)
 
 
 def _static_fields(cfg: PipelineConfig, elevation: np.ndarray, lsm: np.ndarray, population: np.ndarray) -> dict:
-    """Source name -> (ascending-latitude values, units) for every static field the config names."""
+    """Source name -> (ascending-latitude values, attrs with units) for every static field the config names."""
     d = cfg.data
     by_name = {"elevation": elevation, "population": population}
-    out: dict[str, tuple[np.ndarray, str]] = {}
+    out: dict[str, tuple[np.ndarray, dict]] = {}
     for spec in d.variables:
         if spec.kind == "static":
             scale, offset = _unit_transform(spec.name, spec.units)
             if spec.name not in by_name:
                 raise SampleError(f"static variable {spec.name!r}: the sample provides only {sorted(by_name)}")
-            out[spec.source] = (by_name[spec.name] * scale + offset, spec.units)
+            out[spec.source] = (by_name[spec.name] * scale + offset, {"units": spec.units, **STATIC_ATTRS[spec.name]})
     scale, offset = _unit_transform("elevation", d.static.elevation_units)
-    out.setdefault(d.static.elevation, (elevation * scale + offset, d.static.elevation_units))
+    out.setdefault(d.static.elevation, (elevation * scale + offset,
+                                        {"units": d.static.elevation_units, **STATIC_ATTRS["elevation"]}))
     if d.static.loss_mask:
-        out[d.static.loss_mask] = (lsm, "1")
+        out[d.static.loss_mask] = (lsm, {"units": "1", **STATIC_ATTRS["loss_mask"]})
     return out
 
 
