@@ -5,7 +5,7 @@ Side by side in one run on the reference grid (128x256 at 0.25 deg, patch 2 -> 6
 - build: `build_features` (validation, template, all features, statistics, finish) against
   `xarray.open_dataset(source).to_zarr(...)` with the same time chunks and compressor, both on the
   same running Dask LocalCluster (startup excluded from both). Goal: build time <= 1.3x copy time.
-- scan: `scan_orders` on all steps at once against a straightforward loop
+- scan: `scan_orders` per time block (as inside the build) against a straightforward loop
   (`for step: for region: mean wind, snap, sort patches by projection`). Goal: >= 100x per step.
 Runs are interleaved (copy, build, copy, build, ...) and medians reported; writes
 benchmarks/results/pipeline.json.
@@ -136,7 +136,9 @@ def main() -> None:
     asc = src.sortby("latitude")
     u, v = asc["u10"].values, asc["v10"].values
     p, regions = cfg.data.patch_size, tuple(cfg.data.regions)
-    vec_s, vec_times = median_time(lambda: scan_orders(u, v, p, regions), args.repeats)
+    blocks = range(0, len(u), cfg.build.time_chunk)  # as the build calls it: one time block per task
+    vec_s, vec_times = median_time(lambda: [scan_orders(u[b:b + cfg.build.time_chunk], v[b:b + cfg.build.time_chunk], p, regions)
+                                            for b in blocks], args.repeats)
     k = args.loop_steps
     loop_s, loop_times = median_time(lambda: loop_scan_orders(u[:k], v[:k], p, regions), args.repeats)
     agree = bool((scan_orders(u[:k], v[:k], p, regions)[0] == loop_scan_orders(u[:k], v[:k], p, regions)).all())

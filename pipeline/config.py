@@ -187,8 +187,10 @@ class BuildConfig(Strict):
     time_chunk: int = Field(default=24, gt=0, description="time steps per Zarr chunk = per resumable block")
     zarr_format: Literal[2, 3] = 3
     cluster: Literal["local", "slurm"] = Field(default="local", description="where workers run unless --scheduler")
-    n_workers: int | None = Field(default=None, description="LocalCluster workers; None = one per core")
-    threads_per_worker: int = 1
+    n_workers: int | None = Field(
+        default=1, description="LocalCluster worker processes: one, whose threads share a block (no transfers); None = per core"
+    )
+    threads_per_worker: int | None = Field(default=None, description="threads per worker; None = all cores")
     processes: bool = Field(default=True, description="LocalCluster worker processes (False = threads in-process)")
     memory_limit: str = "auto"
     compressor: Literal["lz4", "zstd"] = Field(default="lz4", description="Blosc codec: lz4 is fastest to read back")
