@@ -40,7 +40,7 @@ def verdict(results: dict[str, list[float]], cfg: ExperimentConfig) -> str:
     gain = (means[control] - means[best]) / means[control] * 100 if means[control] else 0.0
     return (f"Verdict: best variant `{best}` (val loss {means[best]:.4f}) {meets} the reference target "
             f"< {a.target_val_loss} and is {beats} the reference baseline {a.baseline_val_loss}; "
-            f"{gain:+.1f}% relative to `{control}` ({means[control]:.4f}).")
+            f"its val loss is {gain:.1f}% lower than `{control}`'s ({means[control]:.4f}).")
 
 
 def table(results: dict[str, list[float]], seeds: list[int]) -> str:

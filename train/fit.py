@@ -31,7 +31,7 @@ from train.config import ExperimentConfig
 from train.data import Batch, ShardStream, Static, load_static
 from train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from train.loss import latitude_weights, weighted_mse, weighted_sq_sums
-from train.net import build_model, check_shards_match
+from train.net import build_model, check_shards_match, zero_init_output
 from train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("train")
@@ -202,6 +202,8 @@ class Trainer:
 
         torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         self.net = build_model(cfg.model, self.static).to(env.device)
+        if tcfg.residual:
+            zero_init_output(self.net)
         torch.manual_seed(tcfg.seed + 7919 * (env.rank + 1))  # per-rank stream for dropout / drop-path
         last = self.run_dir / LAST
         self.step, self.epoch, self.best = 0, 0, math.inf

@@ -7,6 +7,7 @@ the tensors will look like), so the model is built from `Static` and the config 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from model import ModelConfig, TopoFlowClimaX
 from pipeline.config import ConfigError, DataConfig
@@ -51,3 +52,14 @@ def build_model(model_cfg: ModelConfig, static: Static) -> TopoFlowClimaX:
     )
     net.set_static(torch.from_numpy(static.patch_elevation.astype("float32")))
     return net
+
+
+def zero_init_output(net: TopoFlowClimaX) -> None:
+    """Zero the head's last linear layer, so a residual model starts exactly at persistence.
+
+    Gradients still reach that layer at once (its inputs are not zero), so training moves away from
+    persistence only where that lowers the loss, instead of first undoing random initial deltas.
+    """
+    last = [m for m in net.head.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
