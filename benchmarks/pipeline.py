@@ -60,7 +60,7 @@ def bench_config(workdir: Path, steps: int, overrides: list[str]) -> PipelineCon
 def plain_copy(cfg: PipelineConfig, target: Path) -> None:
     """The I/O reference: same source, same time chunks and compressor, no features."""
     with xr.open_dataset(cfg.data.raw, chunks={"time": cfg.build.time_chunk}) as src:
-        src.to_zarr(target, mode="w", encoding=encodings(src, cfg), zarr_format=cfg.build.zarr_format, consolidated=True)
+        src.to_zarr(target, mode="w", encoding=encodings(src, cfg), zarr_format=cfg.build.zarr_format, consolidated=False)
 
 
 def loop_scan_orders(u: np.ndarray, v: np.ndarray, patch: int, regions: tuple[int, int], sectors: int = 16,
