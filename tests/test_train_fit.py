@@ -102,3 +102,21 @@ def test_checkpoint_from_another_grid_is_refused(tiny_experiment: dict, tmp_path
     save_atomic(ckpt, result.last_checkpoint)
     with pytest.raises(CheckpointError, match=r"data\.domain"):
         fit(cfg, resume=True, progress=False)
+
+
+def test_capped_validation_always_starts_at_the_first_batch(tiny_experiment: dict, tmp_path: Path) -> None:
+    from train.data import ShardStream
+    from train.distributed import init_distributed
+    from train.fit import validate
+    from train.loss import latitude_weights
+
+    cfg = _cfg(tiny_experiment, tmp_path / "v.yaml", val_batches=1, eval_batch_size=2)
+    static = load_static(cfg.data.shards)
+    net = build_model(cfg.model, static)
+    loader = ShardStream(cfg.data.shards, "val", 2, mode="eval")
+    env, lat_w = init_distributed(), latitude_weights(static.lat)
+    first = validate(net, loader, static, cfg, env, lat_w)
+    assert validate(net, loader, static, cfg, env, lat_w) == first
+    whole = validate(net, loader, static, cfg.model_copy(update={"train": cfg.train.model_copy(update={"val_batches": None})}),
+                     env, lat_w)
+    assert whole != first and validate(net, loader, static, cfg, env, lat_w) == first

@@ -93,6 +93,7 @@ def validate(net: nn.Module, loader: ShardStream, static: Static, cfg: Experimen
              lat_w: torch.Tensor) -> float:
     """Lat-weighted MSE over the whole val split and every lead, summed across ranks before dividing."""
     net.eval()
+    loader.load_state_dict({**loader.state_dict(), "position": 0})  # from the first batch, even after a capped pass
     sums = torch.zeros(2, dtype=torch.float64, device=env.device)
     for i, batch in enumerate(loader):
         if cfg.train.val_batches is not None and i >= cfg.train.val_batches:
