@@ -67,7 +67,7 @@ def make_block(case: str, n: int, device: str, dtype: torch.dtype):
         backend = "flex" if case == "flex" else "sdpa"
         chunk = int(case.split("_c")[1]) if "_c" in case else 64
         attn = Attention(DIM, HEADS, physics, backend, chunk)
-    block = Block(DIM, HEADS, 4.0, 0.0, attn).to(device=device, dtype=dtype)
+    block = Block(DIM, 4.0, 0.0, attn).to(device=device, dtype=dtype)
     x = torch.randn(1, n, DIM, device=device, dtype=dtype, requires_grad=True)
     idx = torch.arange(n, device=device)[None]
     fields = TokenFields(torch.rand(1, n, device=device) * 4000, torch.rand(1, n, device=device) * 12, idx // grid[1], idx % grid[1])

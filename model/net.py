@@ -80,7 +80,7 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with ClimaX/timm names (norm1, attn, norm2, mlp)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, attn: Attention):
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float, attn: Attention):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = attn
@@ -136,7 +136,7 @@ class TopoFlowClimaX(nn.Module):
             if i in physics_rank:
                 bias = PhysicsBias(phys, heads, phys.alpha_init * phys.decay ** physics_rank[i], self.grid)
             attn = Attention(dim, heads, bias, cfg.backend, cfg.chunk_size)
-            self.blocks.append(Block(dim, heads, cfg.mlp_ratio, rates[i], attn))
+            self.blocks.append(Block(dim, cfg.mlp_ratio, rates[i], attn))
         self.norm = nn.LayerNorm(dim)
         layers: list[nn.Module] = []
         for _ in range(cfg.decoder_depth):

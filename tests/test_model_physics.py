@@ -31,7 +31,7 @@ def numpy_bias(z, w, alpha, cfg: PhysicsConfig) -> np.ndarray:
     return np.clip(bias, -cfg.clamp, 0)
 
 
-def fields(z: np.ndarray, w: np.ndarray, grid=(1, None)) -> TokenFields:
+def fields(z: np.ndarray, w: np.ndarray) -> TokenFields:
     b, n = z.shape
     idx = torch.arange(n).expand(b, n)
     return TokenFields(torch.tensor(z, dtype=torch.float32), torch.tensor(w, dtype=torch.float32), idx // 4, idx % 4)
