@@ -17,18 +17,22 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
+# This script is named like the `train` package it measures: keep its own folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from train.config import ExperimentConfig, load_experiment_config
-from train.data import Batch, ShardStream, Static, load_static
-from train.fit import forward, loader_workers
-from train.loss import latitude_weights, weighted_mse
-from train.net import build_model
-from train.optim import build_optimizer
+import torch  # noqa: E402
+
+from train.config import ExperimentConfig, load_experiment_config  # noqa: E402
+from train.data import Batch, ShardStream, Static, load_static  # noqa: E402
+from train.fit import forward, loader_workers  # noqa: E402
+from train.loss import latitude_weights, weighted_mse  # noqa: E402
+from train.net import build_model  # noqa: E402
+from train.optim import build_optimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
