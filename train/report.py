@@ -29,7 +29,7 @@ def plot_maps(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, lat: np.nda
               names: list[str], units: dict[str, str], title: str, path: Path) -> Path:
     """One row per pollutant: prediction, truth (shared colour scale) and error; off-mask cells blank."""
     n = len(names)
-    fig, axes = plt.subplots(n, 3, figsize=(13, 2.4 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(13, 2.8 * n), squeeze=False)
     extent = (lon[0], lon[-1], lat[0], lat[-1])
     for i, name in enumerate(names):
         p = np.where(mask[i], pred[i], np.nan)
