@@ -33,6 +33,7 @@ from train.fit import forward, loader_workers  # noqa: E402
 from train.loss import latitude_weights, weighted_mse  # noqa: E402
 from train.net import build_model  # noqa: E402
 from train.optim import build_optimizer  # noqa: E402
+from train.residual import lead_scale, residual_scale  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
@@ -45,13 +46,16 @@ class Stepper:
         model_cfg = cfg.model.model_copy(update={"physics": cfg.model.physics.model_copy(update={"enabled": physics})})
         self.net = build_model(model_cfg, static)
         self.opt = build_optimizer(self.net, cfg.train)
-        self.static, self.scan, self.residual = static, model_cfg.scan, cfg.train.residual
+        self.static, self.scan = static, model_cfg.scan
+        self.scale = residual_scale(static) if cfg.train.residual else None
         self.lat_w = latitude_weights(static.lat)
 
     def samples_per_s(self, batches: Iterator[Batch], steps: int) -> float:
         start, count = time.perf_counter(), 0
         for batch in itertools.islice(batches, steps):
-            loss = weighted_mse(forward(self.net, batch, self.static, self.scan, self.residual), batch.y, batch.mask, self.lat_w)
+            change = None if self.scale is None else lead_scale(self.scale, self.static.leads_h, batch.lead_times)
+            preds = forward(self.net, batch, self.static, self.scan, self.scale)
+            loss = weighted_mse(preds, batch.y, batch.mask, self.lat_w, change)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

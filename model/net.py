@@ -21,6 +21,18 @@ from model.embed import sincos_1d, sincos_2d
 from model.physics import PhysicsBias, TokenFields
 
 LEAD_TIME_SCALE = 0.01  # lead time enters as hours / 100, as in ClimaX
+DIURNAL_PERIOD_H = 24.0
+
+
+def lead_phase(lead_times: Tensor) -> Tensor:
+    """(B,) hours -> (B, 2) [sin, cos] of the lead's phase in the diurnal cycle.
+
+    ClimaX's linear lead embedding makes 24 h look like "twice 12 h", but near the surface a 24 h
+    forecast starts from the same time of day (persistence is good) while 12 h flips day and night
+    (boundary layer, photochemistry, traffic): the phase tells the model which is which.
+    """
+    angle = lead_times[:, None] * (2 * torch.pi / DIURNAL_PERIOD_H)
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
 
 
 def to_sequence(t: Tensor, order: Tensor | None) -> Tensor:
@@ -126,6 +138,7 @@ class TopoFlowClimaX(nn.Module):
         self.var_agg = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.pos_embed = nn.Parameter(sincos_2d(dim, self.grid)[None], requires_grad=False)
         self.lead_time_embed = nn.Linear(1, dim)
+        self.lead_phase_embed = nn.Linear(2, dim)  # not in ClimaX (zero-initialised, see _init_weights)
 
         phys = cfg.physics
         physics_rank = {b: k for k, b in enumerate(phys.blocks)} if phys.enabled else {}
@@ -163,6 +176,8 @@ class TopoFlowClimaX(nn.Module):
                 nn.init.zeros_(m.bias)
         for emb in self.token_embeds:
             nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
+        # zero: a model loaded from a ClimaX checkpoint starts out computing exactly what ClimaX did
+        nn.init.zeros_(self.lead_phase_embed.weight)
 
     @property
     def has_physics(self) -> bool:
@@ -262,7 +277,8 @@ class TopoFlowClimaX(nn.Module):
             tokens = to_sequence(tokens + self.pos_embed, order)
         else:
             tokens = to_sequence(tokens, order) + self.pos_embed
-        tokens = tokens + self.lead_time_embed(lead_times.to(tokens.dtype)[:, None] * LEAD_TIME_SCALE)[:, None]
+        lead = lead_times.to(tokens.dtype)
+        tokens = tokens + (self.lead_time_embed(lead[:, None] * LEAD_TIME_SCALE) + self.lead_phase_embed(lead_phase(lead)))[:, None]
         fields = self._fields(order, wind_speed, bsz) if self.has_physics else None
         for blk in self.blocks:
             if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():

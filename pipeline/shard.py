@@ -30,6 +30,7 @@ import webdataset as wds
 import xarray as xr
 from tqdm.auto import tqdm
 
+from pipeline.change_stats import change_std
 from pipeline.config import PipelineConfig, ShardConfig, load_pipeline_config
 from pipeline.shardset import (
     SAMPLE_MEMBERS,
@@ -145,13 +146,27 @@ def _target_positions(times: np.ndarray, leads_h: list[int]) -> np.ndarray:
     return np.where(found, pos, -1)
 
 
+def _split_index(time: np.ndarray, cfg: PipelineConfig, split: str) -> np.ndarray:
+    """Store indices of a split's time steps (sorted)."""
+    period = cfg.data.splits[split]
+    return np.nonzero((time >= np.datetime64(period.start)) & (time <= np.datetime64(period.end)))[0]
+
+
+def _stats(ds: xr.Dataset, cfg: PipelineConfig) -> dict[str, Any]:
+    """Normalisation statistics of the manifest: the store's per-variable mean/std (train period) and
+    the per-lead spread of each target's change (train period, see pipeline.change_stats)."""
+    tvars = [cfg.data.variable_names.index(t) for t in cfg.data.targets]
+    change, pairs = change_std(ds.fields, _split_index(ds.time.values, cfg, "train"), tvars, cfg.data.leads_h)
+    return {"mean": ds.stats_mean.values.tolist(), "std": ds.stats_std.values.tolist(),
+            "change_std": [[None if np.isnan(v) else float(v) for v in row] for row in change],
+            "change_pairs": pairs}
+
+
 def _write_split(ds: xr.Dataset, cfg: PipelineConfig, split: str, record: dict[str, Any],
                  root: Path, save: Any, bar: tqdm) -> None:
     """Write the samples of one split from the first position not yet covered by a good shard."""
-    period = cfg.data.splits[split]
-    time = ds.time.values
-    store_index = np.nonzero((time >= np.datetime64(period.start)) & (time <= np.datetime64(period.end)))[0]
-    times = time[store_index]
+    store_index = _split_index(ds.time.values, cfg, split)
+    times = ds.time.values[store_index]
     targets = _target_positions(times, cfg.data.leads_h)
     tvars = [cfg.data.variable_names.index(t) for t in cfg.data.targets]
     grid = ds.fields.shape[2:]
@@ -252,8 +267,7 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
     ds = open_features(cfg.data.store)
     _check_store(ds, cfg)
     time = ds.time.values
-    sizes = {k: int(((time >= np.datetime64(v.start)) & (time <= np.datetime64(v.end))).sum())
-             for k, v in cfg.data.splits.items()}
+    sizes = {k: len(_split_index(time, cfg, k)) for k in cfg.data.splits}
     empty = [k for k, n in sizes.items() if n == 0]
     if empty:
         raise ValueError(f"split(s) {empty} have no time steps in {cfg.data.store} (it covers {time[0]} .. "
@@ -280,7 +294,7 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
         "regions": list(cfg.data.regions),
         "n_tokens": cfg.data.n_tokens,
         "members": list(SAMPLE_MEMBERS),
-        "stats": {"mean": ds.stats_mean.values.tolist(), "std": ds.stats_std.values.tolist()},
+        "stats": _stats(ds, cfg),
         "static": _write_static(ds, root),
         "splits": {split: _kept_shards(root, old, plan, split) for split in cfg.data.splits},
     }

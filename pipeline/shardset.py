@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: stats.change_std / change_pairs (per-lead spread of target changes)
 SPLITS = ("train", "val", "test")
 # The only members a sample may hold: everything is .npy (decoded with allow_pickle=False) or .json.
 SAMPLE_MEMBERS = ("input.npy", "target.npy", "scan_order.npy", "scan_order_global.npy", "wind_speed.npy", "meta.json")

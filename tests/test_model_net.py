@@ -55,7 +55,7 @@ def test_spatial_scan_pos_output_is_independent_of_the_scan_order(seed, form, di
         scanned = net(x, lt, VARS, orders, ws)
     assert plain.shape == (3, 2, *GRID)
     torch.testing.assert_close(scanned, plain, rtol=1e-5, atol=1e-6)
-    assert plain.abs().max() > 1e-3
+    assert plain.abs().max() > 1e-4  # a real signal, far above atol
 
 
 def test_sequence_scan_pos_depends_on_the_order():
@@ -163,3 +163,19 @@ def test_memory_estimate_and_cli(capsys):
     assert naive["attention_bias_bytes"] > sdpa["attention_bias_bytes"] > flex["attention_bias_bytes"]
     assert model_cli(["estimate", "--preset", "reference"]) == 0
     assert "params 66" in capsys.readouterr().out
+
+
+def test_lead_phase_embedding_tells_same_time_of_day_leads_apart_from_12_h():
+    from model.net import lead_phase
+
+    phase = lead_phase(torch.tensor([0.0, 12.0, 24.0, 96.0]))
+    torch.testing.assert_close(phase, torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 1.0], [0.0, 1.0]]), atol=1e-6, rtol=0)
+    net = make(physics={"enabled": False})
+    assert not net.lead_phase_embed.weight.any()  # zero: a ClimaX checkpoint computes what it did in ClimaX
+    x, _, _, ws = batch(b=2)
+    lt = torch.tensor([12.0, 24.0])
+    with torch.no_grad():
+        before = net(x, lt, VARS, None, ws)
+        net.lead_phase_embed.weight.normal_()
+        after = net(x, lt, VARS, None, ws)
+    assert (after - before).abs().amax(dim=(1, 2, 3)).min() > 1e-5  # the phase now reaches both leads' outputs

@@ -15,6 +15,7 @@ import xarray as xr
 import zarr
 
 from pipeline.__main__ import main as pipeline_main
+from pipeline.change_stats import change_std
 from pipeline.config import PipelineConfig
 from pipeline.shard import TAR_MTIME, TAR_OWNER, write_shards
 from pipeline.shardset import (
@@ -103,6 +104,33 @@ def test_manifest_and_static_arrays(tiny_store: PipelineConfig, tiny_shards: Pat
     assert validate_shard_set(tiny_shards) == []
     text = summarize_shard_set(tiny_shards)
     assert "train: 24 samples in 6 shards" in text and "0 dropped" in text
+
+
+def test_change_std_matches_numpy_on_the_train_split(tiny_store: PipelineConfig, tiny_shards: Path) -> None:
+    """Per-lead spread of each target's change, over (t, t + lead) pairs inside the train split only."""
+    data = tiny_store.data
+    ds = xr.open_zarr(data.store)
+    train = ds.sel(time=slice(data.splits["train"].start, data.splits["train"].end))
+    tvars = [data.variable_names.index(t) for t in data.targets]
+    fields = train.fields.values[:, tvars].astype(np.float64)
+    step = 3  # hours between the tiny store's time steps
+    stats = read_manifest(tiny_shards)["stats"]
+    for row, (lead, pairs) in enumerate(zip(data.leads_h, stats["change_pairs"])):
+        k = lead // step
+        expected = (fields[k:] - fields[:-k]).std(axis=(0, 2, 3))
+        assert pairs == len(fields) - k
+        np.testing.assert_allclose(stats["change_std"][row], expected, rtol=1e-6)
+
+
+def test_change_std_subsamples_inputs_and_marks_leads_longer_than_the_split(tiny_store: PipelineConfig) -> None:
+    ds = xr.open_zarr(tiny_store.data.store)
+    train = np.arange(10)  # the first 10 steps (3-hourly): 27 h
+    std, pairs = change_std(ds.fields, train, [0, 2], [6, 48], max_inputs=4)
+    inputs = np.array([0, 3, 6, 9])  # evenly spread; 9 + 2 steps is outside the split
+    values = ds.fields.values[:, [0, 2]].astype(np.float64)
+    kept = inputs[inputs + 2 < 10]
+    np.testing.assert_allclose(std[0], (values[kept + 2] - values[kept]).std(axis=(0, 2, 3)), rtol=1e-6)
+    assert pairs == [len(kept), 0] and np.isnan(std[1]).all()
 
 
 def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfig, tiny_shards: Path,

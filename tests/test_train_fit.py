@@ -115,8 +115,8 @@ def test_capped_validation_always_starts_at_the_first_batch(tiny_experiment: dic
     net = build_model(cfg.model, static)
     loader = ShardStream(cfg.data.shards, "val", 2, mode="eval")
     env, lat_w = init_distributed(), latitude_weights(static.lat)
-    first = validate(net, loader, static, cfg, env, lat_w)
-    assert validate(net, loader, static, cfg, env, lat_w) == first
+    first = validate(net, loader, static, cfg, env, lat_w, None)
+    assert validate(net, loader, static, cfg, env, lat_w, None) == first
     whole = validate(net, loader, static, cfg.model_copy(update={"train": cfg.train.model_copy(update={"val_batches": None})}),
-                     env, lat_w)
-    assert whole != first and validate(net, loader, static, cfg, env, lat_w) == first
+                     env, lat_w, None)
+    assert whole != first and validate(net, loader, static, cfg, env, lat_w, None) == first

@@ -118,22 +118,56 @@ def test_best_k_keeps_the_lowest(tmp_path) -> None:
     assert default_checkpoint(tmp_path).name == "best-val_loss=0.3557-step=3.ckpt"
 
 
-def test_residual_forecast_starts_at_persistence() -> None:
+def _residual_batch(lead_times: list[float]):
+    from train.batch import Batch
+
+    n = len(lead_times)
+    return Batch(x=torch.randn(n, 3, 4, 6), y=torch.zeros(n, 2, 4, 6), mask=torch.ones(n, 2, 4, 6, dtype=torch.bool),
+                 lead_times=torch.tensor(lead_times), scan_order=torch.zeros(n, 6, dtype=torch.long),
+                 scan_order_global=torch.zeros(n, 6, dtype=torch.long), wind_speed=torch.zeros(n, 6),
+                 valid=torch.ones(n, dtype=torch.bool), keys=["k"] * n, times=["t"] * n, skipped_shards=[])
+
+
+def _residual_static(change_std: list[list[float]]):
     from types import SimpleNamespace
 
-    from train.batch import Batch
+    return SimpleNamespace(variables=["u", "pm25", "o3"], targets=["o3", "pm25"], target_index=[2, 1], leads_h=[6, 12],
+                           change_std=np.array(change_std, dtype=np.float64), target_std=np.array([2.0, 4.0], np.float32))
+
+
+def test_residual_forecast_is_persistence_plus_the_scaled_change() -> None:
     from train.fit import forward
+    from train.residual import residual_scale
 
-    static = SimpleNamespace(variables=["u", "pm25", "o3"], targets=["o3", "pm25"])
-    x = torch.randn(2, 3, 4, 6)
-    batch = Batch(x=x, y=torch.zeros(2, 2, 4, 6), mask=torch.ones(2, 2, 4, 6, dtype=torch.bool),
-                  lead_times=torch.tensor([6.0, 12.0]), scan_order=torch.zeros(2, 6, dtype=torch.long),
-                  scan_order_global=torch.zeros(2, 6, dtype=torch.long), wind_speed=torch.zeros(2, 6),
-                  valid=torch.ones(2, dtype=torch.bool), keys=["a", "b"], times=["t", "t"], skipped_shards=[])
+    static = _residual_static([[1.0, 2.0], [3.0, 8.0]])
+    scale = residual_scale(static)
+    torch.testing.assert_close(scale, torch.tensor([[0.5, 0.5], [1.5, 2.0]]))
+    batch = _residual_batch([12.0, 6.0])
 
-    def delta(x, lead, variables, order, wind):  # a network that predicts "no change" plus a constant
+    def delta(x, lead, variables, order, wind):  # a network that predicts a constant change
         return torch.full((x.shape[0], 2, 4, 6), 0.5)
 
-    out = forward(delta, batch, static, "none", residual=True)
-    torch.testing.assert_close(out, x[:, [2, 1]] + 0.5)
-    torch.testing.assert_close(forward(delta, batch, static, "none", residual=False), torch.full((2, 2, 4, 6), 0.5))
+    out = forward(delta, batch, static, "none", scale)
+    expected = batch.x[:, [2, 1]] + 0.5 * torch.tensor([[1.5, 2.0], [0.5, 0.5]])[:, :, None, None]
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(forward(delta, batch, static, "none", None), torch.full((2, 2, 4, 6), 0.5))
+    with pytest.raises(ValueError, match=r"lead times \[24.0\] h are not among the shard set's leads \[6, 12\]"):
+        forward(delta, _residual_batch([24.0]), static, "none", scale)
+
+
+def test_residual_scale_falls_back_to_the_target_std_where_unknown(caplog: pytest.LogCaptureFixture) -> None:
+    from train.residual import residual_scale
+
+    scale = residual_scale(_residual_static([[1.0, float("nan")], [0.0, 8.0]]))
+    torch.testing.assert_close(scale, torch.tensor([[0.5, 1.0], [1.0, 2.0]]))
+    assert "pm25@6h" in caplog.text and "o3@12h" in caplog.text
+
+
+def test_weighted_mse_in_change_units_divides_the_error() -> None:
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 2, 3, 4, generator=gen), torch.randn(2, 2, 3, 4, generator=gen)
+    mask = torch.rand(2, 2, 3, 4, generator=gen) > 0.3
+    lat_w, scale = latitude_weights(np.array([-10.0, 20.0, 50.0])), torch.tensor([[0.5, 2.0], [1.0, 4.0]])[:, :, None, None]
+    w = lat_w.view(1, 1, 3, 1).expand_as(pred)[mask]
+    expected = (w * (((pred - target) / scale)[mask]) ** 2).sum() / w.sum()
+    torch.testing.assert_close(weighted_mse(pred, target, mask, lat_w, scale), expected)

@@ -42,8 +42,9 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(default=1.0, gt=0, description="max global grad norm; None = no clipping")
     residual: bool = Field(
         default=False,
-        description="predict the change from the input's target fields (starts at persistence skill) instead of "
-                    "the fields themselves (ClimaX); keep False to fine-tune ClimaX-style checkpoints",
+        description="predict the change from the input's target fields, in units of its per-lead spread "
+                    "(train.residual; starts at persistence skill) instead of the fields themselves (ClimaX); "
+                    "keep False to fine-tune ClimaX-style checkpoints",
     )
     accumulate: int = Field(default=1, gt=0, description="micro-batches per optimiser step")
     precision: Literal["fp32", "bf16", "fp16"] = Field(

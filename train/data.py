@@ -79,6 +79,7 @@ class Static:
     leads_h: list[int]
     stats_mean: np.ndarray
     stats_std: np.ndarray
+    change_std: np.ndarray  # (n_leads, P) spread of each target's change over each lead, NaN if unknown
     patch_elevation: np.ndarray
     loss_mask: np.ndarray
     lat: np.ndarray
@@ -128,6 +129,7 @@ def _load_static(root: str, manifest_mtime_ns: int) -> Static:
         manifest=manifest, variables=manifest["variables"], targets=manifest["targets"],
         leads_h=manifest["leads_h"], stats_mean=np.asarray(manifest["stats"]["mean"], dtype=np.float64),
         stats_std=np.asarray(manifest["stats"]["std"], dtype=np.float64),
+        change_std=np.array(manifest["stats"]["change_std"], dtype=np.float64),  # JSON null -> NaN
         patch_elevation=arrays["patch_elevation"], loss_mask=arrays["loss_mask"], lat=arrays["lat"],
         lon=arrays["lon"], patch_size=manifest["patch_size"], regions=tuple(manifest["regions"]),
         grid=tuple(manifest["grid"]),

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model import ModelConfig
-from train.checkpoint import check_same_grid, default_checkpoint, load_checkpoint
+from train.checkpoint import CheckpointError, check_same_grid, default_checkpoint, load_checkpoint
 from train.config import ExperimentConfig
 from train.data import ShardStream, load_static
 from train.distributed import DistEnv, all_reduce_sum, init_distributed
@@ -53,6 +53,10 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
     check_shards_match(cfg.data, static)
     model_cfg = ModelConfig.model_validate(ckpt["config"]["model"])  # the architecture it was trained with
     residual = bool(ckpt["config"]["train"]["residual"])
+    scale = ckpt.get("residual_scale")
+    if residual and scale is None:
+        raise CheckpointError(f"checkpoint {path} was trained with train.residual but holds no residual_scale "
+                              "(written by an older version): retrain it with `python -m train fit`")
     net = build_model(model_cfg, static).to(env.device)
     net.load_state_dict(ckpt["model"])
     net.eval()
@@ -80,7 +84,7 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
             persistence = (batch.x[:, channels] * t_std + t_mean).cpu().numpy()
             for li, lead in enumerate(leads):
                 with autocast(env, cfg.train.precision):
-                    norm = forward(net, batch, static, model_cfg.scan, residual, batch.lead_times[li].expand(batch.x.shape[0]))
+                    norm = forward(net, batch, static, model_cfg.scan, scale, batch.lead_times[li].expand(batch.x.shape[0]))
                 pred = (norm.float() * t_std + t_mean).cpu().numpy()
                 truth = (batch.y[:, li] * t_std + t_mean).cpu().numpy()
                 mask = batch.mask[:, li].cpu().numpy()

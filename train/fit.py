@@ -33,6 +33,7 @@ from train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from train.loss import latitude_weights, weighted_mse, weighted_sq_sums
 from train.net import build_model, check_shards_match, zero_init_output
 from train.optim import build_optimizer, build_scheduler
+from train.residual import lead_scale, residual_scale
 
 log = logging.getLogger("train")
 
@@ -74,23 +75,24 @@ def autocast(env: DistEnv, precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def forward(net: nn.Module, batch: Batch, static: Static, scan: str, residual: bool,
+def forward(net: nn.Module, batch: Batch, static: Static, scan: str, scale: torch.Tensor | None,
             lead_times: torch.Tensor | None = None) -> torch.Tensor:
     """The model on one batch (normalised in and out), scan order chosen by the model config.
 
-    residual: the network predicts the change from the input's target channels, so the forecast
-    starts at persistence (targets share their input variable's statistics, so the sum is exact).
+    scale (n_leads, P) switches on residual forecasting (train.residual): the network predicts the
+    change from the input's target channels in units of `scale`, so with a zero head it is
+    persistence (targets share their input variable's statistics, so the sum is exact).
     """
     lead = batch.lead_times if lead_times is None else lead_times
     out = net(batch.x, lead, static.variables, batch.order_for(scan), batch.wind_speed)
-    if residual:
-        out = out + batch.x[:, [static.variables.index(t) for t in static.targets]]
+    if scale is not None:
+        out = out * lead_scale(scale, static.leads_h, lead) + batch.x[:, static.target_index]
     return out
 
 
 @torch.no_grad()
 def validate(net: nn.Module, loader: ShardStream, static: Static, cfg: ExperimentConfig, env: DistEnv,
-             lat_w: torch.Tensor) -> float:
+             lat_w: torch.Tensor, scale: torch.Tensor | None) -> float:
     """Lat-weighted MSE over the whole val split and every lead, summed across ranks before dividing."""
     net.eval()
     loader.load_state_dict({**loader.state_dict(), "position": 0})  # from the first batch, even after a capped pass
@@ -101,7 +103,7 @@ def validate(net: nn.Module, loader: ShardStream, static: Static, cfg: Experimen
         batch = batch.to(env.device, non_blocking=True)
         for li, lead in enumerate(batch.lead_times):
             with autocast(env, cfg.train.precision):
-                preds = forward(net, batch, static, cfg.model.scan, cfg.train.residual, lead.expand(batch.x.shape[0]))
+                preds = forward(net, batch, static, cfg.model.scan, scale, lead.expand(batch.x.shape[0]))
             num, den = weighted_sq_sums(preds, batch.y[:, li], batch.mask[:, li], lat_w)
             sums += torch.stack([num, den]).double()
     net.train()
@@ -203,6 +205,7 @@ class Trainer:
 
         torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         self.net = build_model(cfg.model, self.static).to(env.device)
+        self.scale = residual_scale(self.static).to(env.device) if tcfg.residual else None
         if tcfg.residual:
             zero_init_output(self.net)
         torch.manual_seed(tcfg.seed + 7919 * (env.rank + 1))  # per-rank stream for dropout / drop-path
@@ -232,6 +235,8 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.net.load_state_dict(ckpt["model"])
+        if ckpt.get("residual_scale") is not None:  # keep the numbers the run started with
+            self.scale = ckpt["residual_scale"].to(self.env.device)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -257,6 +262,7 @@ class Trainer:
             "rng": _gather_rng(self.env),
             "config": self.cfg.model_dump(mode="json"),
             "trainable": self.trainable,
+            "residual_scale": None if self.scale is None else self.scale.cpu(),
             "val_loss": math.nan if val_loss is None else val_loss,
             "best_val_loss": self.best,
         }
@@ -305,8 +311,9 @@ class Trainer:
             no_sync = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
             with no_sync:
                 with autocast(env, tcfg.precision):
-                    preds = forward(self.model, batch, self.static, self.cfg.model.scan, tcfg.residual)
-                loss = weighted_mse(preds, batch.y, batch.mask, self.lat_w)
+                    preds = forward(self.model, batch, self.static, self.cfg.model.scan, self.scale)
+                change = None if self.scale is None else lead_scale(self.scale, self.static.leads_h, batch.lead_times)
+                loss = weighted_mse(preds, batch.y, batch.mask, self.lat_w, change)
                 self.scaler.scale(loss / tcfg.accumulate).backward()
             value = loss.detach().double()
             if not torch.isfinite(value):
@@ -327,7 +334,7 @@ class Trainer:
             epoch_end = self.step % self.steps_per_epoch == 0
             if (tcfg.val_every and self.step % tcfg.val_every == 0) or (not tcfg.val_every and epoch_end) \
                     or self.step == self.total_steps:
-                val_loss = validate(self.net, self.val_loader, self.static, self.cfg, env, self.lat_w)
+                val_loss = validate(self.net, self.val_loader, self.static, self.cfg, env, self.lat_w, self.scale)
                 self.best = min(self.best, val_loss) if math.isfinite(val_loss) else self.best
                 bar.set_postfix(val_loss=f"{val_loss:.4f}")
                 if self.log:

@@ -18,27 +18,31 @@ def latitude_weights(lat_deg: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (w / w.mean()).float()
 
 
-def weighted_sq_sums(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                     lat_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum(w * (pred - target)^2), sum(w)) over the cells where `mask`; lat is dim -2.
+def weighted_sq_sums(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lat_w: torch.Tensor,
+                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum(w * ((pred - target) / scale)^2), sum(w)) over the cells where `mask`; lat is dim -2.
 
-    Sums (not a mean) so validation can add batches and ranks before dividing once.
+    Sums (not a mean) so validation can add batches and ranks before dividing once. `scale`
+    (broadcastable, e.g. (B, P, 1, 1)) measures errors in other units: residual training uses the
+    per-lead spread of the change (train.residual).
     """
     if pred.shape != target.shape or mask.shape != target.shape:
         raise ValueError(f"loss shapes differ: pred {tuple(pred.shape)}, target {tuple(target.shape)}, mask {tuple(mask.shape)}")
     zero = torch.zeros((), device=pred.device)
     w = lat_w.to(pred.device, torch.float32).view(-1, 1).expand(target.shape[-2:])
     weight = torch.where(mask, w, zero)
-    sq = torch.where(mask, (pred.float() - torch.nan_to_num(target.float())) ** 2, zero)
+    err = pred.float() - torch.nan_to_num(target.float())
+    sq = torch.where(mask, (err if scale is None else err / scale) ** 2, zero)
     return (weight * sq).sum(), weight.sum()
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lat_w: torch.Tensor) -> torch.Tensor:
-    """sum(w * mask * (pred - target)^2) / sum(w * mask): the training loss of one batch.
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lat_w: torch.Tensor,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(w * mask * ((pred - target) / scale)^2) / sum(w * mask): the training loss of one batch.
 
     Raises ValueError when no cell is valid: a loss over nothing would silently be NaN.
     """
-    num, den = weighted_sq_sums(pred, target, mask, lat_w)
+    num, den = weighted_sq_sums(pred, target, mask, lat_w, scale)
     if den <= 0:
         raise ValueError("the batch has no valid target cell (all NaN or off the loss mask): check the shards and loss mask")
     return num / den

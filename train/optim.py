@@ -11,7 +11,7 @@ from train.config import TrainConfig
 
 # Embedding tables and learned scalars are not "weights" in the L2 sense: decaying them towards 0
 # erases the position/variable identity or the physics strength (ClimaX excludes its embeddings too).
-NO_DECAY_NAMES = ("pos_embed", "var_embed", "var_query", "lead_time_embed", "alpha", "rel_pos")
+NO_DECAY_NAMES = ("pos_embed", "var_embed", "var_query", "lead_time_embed", "lead_phase_embed", "alpha", "rel_pos")
 
 
 def uses_weight_decay(name: str, param: nn.Parameter) -> bool:
