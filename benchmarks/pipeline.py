@@ -37,7 +37,7 @@ from distributed import Client, LocalCluster  # noqa: E402
 
 from pipeline.build import build_features  # noqa: E402
 from pipeline.cluster import BloscThreadsOff  # noqa: E402
-from pipeline.config import PipelineConfig, load_pipeline_config  # noqa: E402
+from pipeline.config import PipelineConfig, add_override_argument, load_pipeline_config  # noqa: E402
 from pipeline.scan import scan_orders  # noqa: E402
 from pipeline.store import encodings  # noqa: E402
 
@@ -108,8 +108,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-steps", type=int, default=8, help="steps timed with the per-region loop")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set build.n_workers=2")
+    add_override_argument(parser, "build.n_workers=2")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
+from pipeline.config import add_override_argument  # noqa: E402
 from train.config import ExperimentConfig, load_experiment_config  # noqa: E402
 from train.data import Batch, ShardStream, Static, load_static  # noqa: E402
 from train.fit import forward, loader_workers  # noqa: E402
@@ -81,7 +82,7 @@ def interleaved(measures: dict[str, Callable[[], float]], repeats: int) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml", type=Path)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_override_argument(parser, "train.batch_size=4")
     parser.add_argument("--steps", type=int, default=6, help="train steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

@@ -21,7 +21,7 @@ from distributed import as_completed
 from tqdm import tqdm
 
 from pipeline.cluster import dask_client
-from pipeline.config import PipelineConfig, load_pipeline_config
+from pipeline.config import PipelineConfig, add_override_argument, load_pipeline_config
 from pipeline.features import N_MOMENTS, feature_dataset, merge_moments
 from pipeline.source import SourceError, open_source, source_fingerprint
 from pipeline.store import (
@@ -158,8 +158,7 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (sections data and build are used)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set build.time_chunk=48 (repeatable)")
+    add_override_argument(parser, "build.time_chunk=48")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing Dask scheduler (tcp://host:8786)")
     parser.add_argument("--cluster", choices=["local", "slurm"], help="override build.cluster (slurm uses build.slurm)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the store or a partial build differs")

@@ -8,6 +8,8 @@ errors that name the key (pydantic, `extra="forbid"`).
 
 from __future__ import annotations
 
+import argparse
+
 import datetime as dt
 import hashlib
 import json
@@ -228,6 +230,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"config file {path}: unknown top-level key(s) {unknown}; allowed: {TOP_LEVEL_SECTIONS}")
     return raw
+
+
+def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """The `--set KEY=VALUE` option every command shares (collected in `args.overrides`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example} (repeatable; value parsed as YAML)")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from pipeline.config import load_pipeline_config
+from pipeline.config import add_override_argument, load_pipeline_config
 from pipeline.scan import orders_from_sectors
 from pipeline.store import SCHEMA, SCHEMA_VERSION, expected_dtype, read_attrs
 
@@ -146,8 +146,7 @@ def _inspect_one(path: Path) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", type=Path, help="features.zarr, or a shard directory holding manifest.json")
     parser.add_argument("--config", help="inspect the config's store, and its shard set if one exists")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (with --config)")
+    add_override_argument(parser, "data.shards=other/shards (with --config)")
 
 
 def run(args: argparse.Namespace) -> int:

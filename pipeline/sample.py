@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import PipelineConfig, load_pipeline_config
+from pipeline.config import PipelineConfig, add_override_argument, load_pipeline_config
 from pipeline import simulate, terrain
 from pipeline.simulate import Grid, Simulation, make_surface
 from pipeline.terrain import regrid_elevation
@@ -227,8 +227,7 @@ def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (section data is used)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set data.sample.step_hours=1 (repeatable)")
+    add_override_argument(parser, "data.sample.step_hours=1")
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if the file is up to date or foreign")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 

@@ -31,7 +31,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from pipeline.change_stats import change_std
-from pipeline.config import PipelineConfig, ShardConfig, load_pipeline_config
+from pipeline.config import PipelineConfig, ShardConfig, add_override_argument, load_pipeline_config
 from pipeline.shardset import (
     SAMPLE_MEMBERS,
     SCHEMA_VERSION,
@@ -330,8 +330,7 @@ def _remove_stale(root: Path, old: dict[str, Any] | None, manifest: dict[str, An
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (sections data, build, shard)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set shard.max_count=128 (repeatable)")
+    add_override_argument(parser, "shard.max_count=128")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

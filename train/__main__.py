@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from model import CheckpointError as ModelCheckpointError
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, add_override_argument
 from pipeline.shardset import ShardSetError
 from train.checkpoint import CheckpointError
 from train.config import load_experiment_config
@@ -25,8 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", required=True, type=Path, help="experiment YAML")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.lr=5e-5 (repeatable)")
+        add_override_argument(p, "train.lr=5e-5")
         p.add_argument("--no-progress", action="store_true", help="no progress bars (batch jobs)")
     sub.choices["fit"].add_argument("--resume", action="store_true", help="continue from train.run_dir/last.ckpt")
     sub.choices["evaluate"].add_argument("--checkpoint", type=Path, help="default: the best in train.run_dir")
