@@ -6,9 +6,9 @@ the 12 h changes dominate the loss and the network's 12 h habits leak into 24 h.
 change by its own per-lead standard deviation puts every lead on the same footing (GraphCast, Lam et
 al. 2023, normalises its residual targets by the std of time differences in the same way).
 
-The std is estimated from at most `max_inputs` input times spread evenly over the train split (both
-t and t + lead inside it), float64 and NaN-aware; a few hundred times estimate it well, and the read
-stays small next to writing the shards.
+The std is estimated from at most `max_inputs` input times (both t and t + lead inside the train
+split), float64 and NaN-aware. A long split is sampled in evenly spread runs of consecutive steps, one
+store chunk long, so the read touches a few dozen chunks instead of one chunk per scattered time step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,15 @@ import xarray as xr
 MAX_INPUTS = 500
 
 
+def _sampled_inputs(n: int, chunk: int, max_inputs: int) -> np.ndarray:
+    """Split positions to use: all of them, or evenly spread runs of up to `chunk` consecutive steps."""
+    if n <= max_inputs:
+        return np.arange(n)
+    run = min(chunk, max_inputs)
+    starts = np.linspace(0, n - run, max(1, max_inputs // run)).round().astype(int)
+    return np.unique((starts[:, None] + np.arange(run)[None]).ravel())
+
+
 def change_std(fields: xr.DataArray, train: np.ndarray, target_vars: list[int], leads_h: list[int],
                max_inputs: int = MAX_INPUTS) -> tuple[np.ndarray, list[int]]:
     """(n_leads, P) population std of fields[t + lead] - fields[t] per target, and the pairs per lead.
@@ -30,7 +39,7 @@ def change_std(fields: xr.DataArray, train: np.ndarray, target_vars: list[int], 
     target's own std and says so).
     """
     times = fields["time"].values[train]
-    inputs = np.unique(np.linspace(0, len(train) - 1, min(len(train), max_inputs)).round().astype(int))
+    inputs = _sampled_inputs(len(train), fields.data.chunks[0][0], max_inputs)
     stds, pairs = [], []
     for lead in leads_h:
         later = times[inputs] + np.timedelta64(lead, "h")

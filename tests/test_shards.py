@@ -122,15 +122,17 @@ def test_change_std_matches_numpy_on_the_train_split(tiny_store: PipelineConfig,
         np.testing.assert_allclose(stats["change_std"][row], expected, rtol=1e-6)
 
 
-def test_change_std_subsamples_inputs_and_marks_leads_longer_than_the_split(tiny_store: PipelineConfig) -> None:
-    ds = xr.open_zarr(tiny_store.data.store)
-    train = np.arange(10)  # the first 10 steps (3-hourly): 27 h
-    std, pairs = change_std(ds.fields, train, [0, 2], [6, 48], max_inputs=4)
-    inputs = np.array([0, 3, 6, 9])  # evenly spread; 9 + 2 steps is outside the split
+def test_change_std_samples_runs_of_steps_and_marks_leads_longer_than_the_split(tiny_store: PipelineConfig) -> None:
+    ds = xr.open_zarr(tiny_store.data.store)  # 3-hourly, time chunks of 8 steps
+    train = np.arange(40)
+    std, pairs = change_std(ds.fields, train, [0, 2], [6, 48, 120], max_inputs=16)
+    inputs = np.r_[0:8, 32:40]  # two runs of one chunk, evenly spread
     values = ds.fields.values[:, [0, 2]].astype(np.float64)
-    kept = inputs[inputs + 2 < 10]
-    np.testing.assert_allclose(std[0], (values[kept + 2] - values[kept]).std(axis=(0, 2, 3)), rtol=1e-6)
-    assert pairs == [len(kept), 0] and np.isnan(std[1]).all()
+    for row, steps in enumerate((2, 16)):
+        kept = inputs[inputs + steps < 40]
+        np.testing.assert_allclose(std[row], (values[kept + steps] - values[kept]).std(axis=(0, 2, 3)), rtol=1e-6)
+        assert pairs[row] == len(kept)
+    assert pairs[2] == 0 and np.isnan(std[2]).all()
 
 
 def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfig, tiny_shards: Path,
