@@ -62,3 +62,27 @@ def test_evaluate_without_a_run_is_a_clear_error(tiny_experiment: dict, tmp_path
     config = write_config(tiny_experiment, tmp_path / "eval.yaml")
     assert main(["evaluate", "--config", str(config)]) == 2
     assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_residual_run_keeps_its_scale_and_evaluate_requires_it(tiny_experiment: dict, tmp_path: Path) -> None:
+    import torch
+
+    from train.checkpoint import CheckpointError
+    from train.data import load_static
+    from train.evaluate import evaluate
+    from train.residual import residual_scale
+
+    tiny_experiment["train"]["residual"] = True
+    config = write_config(tiny_experiment, tmp_path / "residual.yaml")
+    assert main(["fit", "--config", str(config), "--no-progress"]) == 0
+    cfg = load_experiment_config(config)
+    last = tmp_path / "run" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    scale = residual_scale(load_static(cfg.data.shards))
+    assert scale.shape == (3, 6) and bool((scale > 0).all())
+    torch.testing.assert_close(ckpt["residual_scale"], scale)
+    assert main(["evaluate", "--config", str(config), "--checkpoint", str(last), "--no-progress"]) == 0
+    del ckpt["residual_scale"]  # as written before residual scaling existed
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError, match="holds no residual_scale"):
+        evaluate(cfg, checkpoint=tmp_path / "old.ckpt", progress=False)
