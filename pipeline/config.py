@@ -9,7 +9,6 @@ errors that name the key (pydantic, `extra="forbid"`).
 from __future__ import annotations
 
 import argparse
-
 import datetime as dt
 import hashlib
 import json
@@ -166,6 +165,11 @@ class DataConfig(Strict):
     @property
     def variable_names(self) -> list[str]:
         return [v.name for v in self.variables]
+
+    @property
+    def target_index(self) -> list[int]:
+        """Position of each target among the input variables (in `fields`' var axis)."""
+        return [self.variable_names.index(t) for t in self.targets]
 
 
 class SlurmConfig(Strict):

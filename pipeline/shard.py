@@ -155,8 +155,8 @@ def _split_index(time: np.ndarray, cfg: PipelineConfig, split: str) -> np.ndarra
 def _stats(ds: xr.Dataset, cfg: PipelineConfig) -> dict[str, Any]:
     """Normalisation statistics of the manifest: the store's per-variable mean/std (train period) and
     the per-lead spread of each target's change (train period, see pipeline.change_stats)."""
-    tvars = [cfg.data.variable_names.index(t) for t in cfg.data.targets]
-    change, pairs = change_std(ds.fields, _split_index(ds.time.values, cfg, "train"), tvars, cfg.data.leads_h)
+    change, pairs = change_std(ds.fields, _split_index(ds.time.values, cfg, "train"), cfg.data.target_index,
+                               cfg.data.leads_h)
     return {"mean": ds.stats_mean.values.tolist(), "std": ds.stats_std.values.tolist(),
             "change_std": [[None if np.isnan(v) else float(v) for v in row] for row in change],
             "change_pairs": pairs}
@@ -168,7 +168,7 @@ def _write_split(ds: xr.Dataset, cfg: PipelineConfig, split: str, record: dict[s
     store_index = _split_index(ds.time.values, cfg, split)
     times = ds.time.values[store_index]
     targets = _target_positions(times, cfg.data.leads_h)
-    tvars = [cfg.data.variable_names.index(t) for t in cfg.data.targets]
+    tvars = cfg.data.target_index
     grid = ds.fields.shape[2:]
     window = _Window(ds.fields, store_index)
     writer = _SplitWriter(root, split, record, cfg.shard, save)

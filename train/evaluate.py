@@ -71,7 +71,7 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
            for src in SOURCES}
     t_mean = torch.as_tensor(static.target_mean, device=env.device).view(1, -1, 1, 1)
     t_std = torch.as_tensor(static.target_std, device=env.device).view(1, -1, 1, 1)
-    channels = [static.variables.index(t) for t in targets]
+    channels = static.target_index
     lat_w = latitude_weights(static.lat).numpy()[:, None]
     map_lead = min(leads, key=lambda lead: abs(lead - ecfg.map_lead_h))
     sample: dict[str, Any] = {}
