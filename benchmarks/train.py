@@ -30,11 +30,11 @@ import torch  # noqa: E402
 from pipeline.config import add_override_argument  # noqa: E402
 from train.config import ExperimentConfig, load_experiment_config  # noqa: E402
 from train.data import Batch, ShardStream, Static, load_static  # noqa: E402
-from train.fit import forward, loader_workers  # noqa: E402
-from train.loss import latitude_weights, weighted_mse  # noqa: E402
+from train.fit import loader_workers, training_loss  # noqa: E402
+from train.loss import latitude_weights  # noqa: E402
 from train.net import build_model  # noqa: E402
 from train.optim import build_optimizer  # noqa: E402
-from train.residual import lead_scale, residual_scale  # noqa: E402
+from train.residual import residual_scale  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
@@ -54,9 +54,7 @@ class Stepper:
     def samples_per_s(self, batches: Iterator[Batch], steps: int) -> float:
         start, count = time.perf_counter(), 0
         for batch in itertools.islice(batches, steps):
-            change = None if self.scale is None else lead_scale(self.scale, self.static.leads_h, batch.lead_times)
-            preds = forward(self.net, batch, self.static, self.scan, self.scale)
-            loss = weighted_mse(preds, batch.y, batch.mask, self.lat_w, change)
+            loss = training_loss(self.net, batch, self.static, self.scan, self.scale, self.lat_w)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -90,6 +90,14 @@ def forward(net: nn.Module, batch: Batch, static: Static, scan: str, scale: torc
     return out
 
 
+def training_loss(net: nn.Module, batch: Batch, static: Static, scan: str, scale: torch.Tensor | None,
+                  lat_w: torch.Tensor) -> torch.Tensor:
+    """The training objective of one batch: lat-weighted masked MSE, in change units when residual."""
+    change = None if scale is None else lead_scale(scale, static.leads_h, batch.lead_times)
+    preds = forward(net, batch, static, scan, scale)
+    return weighted_mse(preds, batch.y, batch.mask, lat_w, change)
+
+
 @torch.no_grad()
 def validate(net: nn.Module, loader: ShardStream, static: Static, cfg: ExperimentConfig, env: DistEnv,
              lat_w: torch.Tensor, scale: torch.Tensor | None) -> float:
@@ -310,10 +318,8 @@ class Trainer:
             sync = micro % tcfg.accumulate == 0
             no_sync = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
             with no_sync:
-                with autocast(env, tcfg.precision):
-                    preds = forward(self.model, batch, self.static, self.cfg.model.scan, self.scale)
-                change = None if self.scale is None else lead_scale(self.scale, self.static.leads_h, batch.lead_times)
-                loss = weighted_mse(preds, batch.y, batch.mask, self.lat_w, change)
+                with autocast(env, tcfg.precision):  # the loss itself runs in float32 (weighted_sq_sums)
+                    loss = training_loss(self.model, batch, self.static, self.cfg.model.scan, self.scale, self.lat_w)
                 self.scaler.scale(loss / tcfg.accumulate).backward()
             value = loss.detach().double()
             if not torch.isfinite(value):
