@@ -279,6 +279,7 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
                                                    for k, v in cfg.data.splits.items()},
             "max_count": cfg.shard.max_count, "max_size": cfg.shard.max_size}
     old = _read_old_manifest(root)
+    same_plan = old is not None and old.get("plan") == plan  # same store and settings: same statistics
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "complete": False,
@@ -294,7 +295,7 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
         "regions": list(cfg.data.regions),
         "n_tokens": cfg.data.n_tokens,
         "members": list(SAMPLE_MEMBERS),
-        "stats": _stats(ds, cfg),
+        "stats": old["stats"] if same_plan else _stats(ds, cfg),
         "static": _write_static(ds, root),
         "splits": {split: _kept_shards(root, old, plan, split) for split in cfg.data.splits},
     }

@@ -136,7 +136,7 @@ def test_change_std_samples_runs_of_steps_and_marks_leads_longer_than_the_split(
 
 
 def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfig, tiny_shards: Path,
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = with_shards_dir(tiny_store, tmp_path / "again")
     write_shards(cfg, progress=False)
     names = sorted(p.name for p in tiny_shards.glob("*.tar"))
@@ -146,7 +146,10 @@ def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfi
     with tarfile.open(tiny_shards / names[0]) as tar:  # headers carry nothing run-specific
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar} == {
             (TAR_MTIME, 0, 0, TAR_OWNER, TAR_OWNER, 0o444)}
-    # a rerun leaves good shards untouched and rewrites a damaged one (and the ones after it) identically
+    # a rerun leaves good shards untouched and rewrites a damaged one (and the ones after it) identically,
+    # keeping the statistics of the same plan instead of reading the store for them again
+    stats = read_manifest(tmp_path / "again")["stats"]
+    monkeypatch.setattr("pipeline.shard.change_std", lambda *a, **k: pytest.fail("statistics recomputed"))
     shards = tmp_path / "again"
     before = {name: (shards / name).stat().st_mtime_ns for name in names}
     good = (shards / "train-000001.tar").read_bytes()
@@ -156,6 +159,7 @@ def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfi
     assert (shards / "train-000000.tar").stat().st_mtime_ns == before["train-000000.tar"]
     assert (shards / "val-000000.tar").stat().st_mtime_ns == before["val-000000.tar"]
     assert validate_shard_set(shards) == []
+    assert read_manifest(shards)["stats"] == stats
 
 
 def test_interrupted_run_resumes(tiny_store: PipelineConfig, tmp_path: Path) -> None:
