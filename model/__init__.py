@@ -1,13 +1,12 @@
 """TopoFlow model: ClimaX backbone with wind scanning and the elevation-barrier attention bias."""
 
-from model.checkpoint import CheckpointError, LoadReport, load_pretrained
+from model.checkpoint import LoadReport, load_pretrained
 from model.config import ModelConfig, PhysicsConfig
 from model.net import TopoFlowClimaX
 from model.presets import PRESETS, Preset, estimate_memory
 from model.scan import scan_order_from_wind
 
 __all__ = [
-    "CheckpointError",
     "LoadReport",
     "ModelConfig",
     "PRESETS",

@@ -15,7 +15,7 @@ def _gib(x: float) -> str:
 def estimate(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     bytes_per_value = 2 if args.bf16 else 4
-    print(f"preset {args.preset}: grid {preset.img_size}, patch {preset.patch_size}, "
+    print(f"preset {args.preset}: grid {preset.layout.grid}, patch {preset.layout.patch_size}, "
           f"embed {preset.cfg.embed_dim}, depth {preset.cfg.depth}, heads {preset.cfg.num_heads}, "
           f"batch {args.batch_size}, activations {'bf16' if args.bf16 else 'fp32'}")
     for backend in ("naive", "sdpa", "flex"):

@@ -21,14 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.net import TopoFlowClimaX
+from topoflow.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 PREFIXES = ("net.", "module.", "_orig_mod.")  # Lightning, DDP, torch.compile
 TOKEN_KEY = re.compile(r"^token_embeds\.(\d+)\.(.+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or used; the message names the file and the fix."""
 
 
 @dataclass

@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict
+from topoflow.config import Strict
+from topoflow.layout import ScanMode
 
 
 class PhysicsConfig(Strict):
@@ -63,7 +64,7 @@ class ModelConfig(Strict):
     mlp_ratio: float = Field(default=4.0, gt=0)
     decoder_depth: int = Field(default=2, ge=0)
     drop_path: float = Field(default=0.0, ge=0, lt=1)
-    scan: Literal["regional", "global", "none"] = "regional"
+    scan: ScanMode = "regional"
     scan_pos: Literal["spatial", "sequence"] = Field(
         default="spatial", description="position embedding follows the token (spatial) or the sequence slot"
     )

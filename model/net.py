@@ -19,6 +19,7 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.embed import sincos_1d, sincos_2d
 from model.physics import PhysicsBias, TokenFields
+from topoflow.layout import PatchLayout
 
 LEAD_TIME_SCALE = 0.01  # lead time enters as hours / 100, as in ClimaX
 DIURNAL_PERIOD_H = 24.0
@@ -108,28 +109,15 @@ class Block(nn.Module):
 class TopoFlowClimaX(nn.Module):
     """ClimaX forecaster; `forward` returns (B, P, H, W) predictions in spatial order."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        in_vars: Sequence[str],
-        out_vars: Sequence[str],
-        img_size: tuple[int, int],
-        patch_size: int,
-        regions: tuple[int, int],
-    ):
+    def __init__(self, cfg: ModelConfig, in_vars: Sequence[str], out_vars: Sequence[str], layout: PatchLayout):
         super().__init__()
-        h, w = img_size
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"img_size {h}x{w} is not divisible by patch_size {patch_size}")
-        gh, gw = h // patch_size, w // patch_size
-        if gh % regions[0] or gw % regions[1]:
-            raise ValueError(f"patch grid {gh}x{gw} is not divisible by regions {regions[0]}x{regions[1]}")
         if len(set(in_vars)) != len(in_vars):
             raise ValueError(f"in_vars has duplicates: {list(in_vars)}")
-        self.cfg = cfg
+        self.cfg, self.layout = cfg, layout
         self.in_vars, self.out_vars = list(in_vars), list(out_vars)
-        self.img_size, self.patch_size, self.regions = (h, w), patch_size, tuple(regions)
-        self.grid = (gh, gw)
+        self.img_size, self.patch_size, self.regions = layout.grid, layout.patch_size, layout.regions
+        self.grid = gh, gw = layout.patch_grid
+        patch_size = layout.patch_size
         dim, heads = cfg.embed_dim, cfg.num_heads
 
         self.token_embeds = nn.ModuleList(PatchEmbed(patch_size, dim) for _ in self.in_vars)
@@ -157,10 +145,10 @@ class TopoFlowClimaX(nn.Module):
         layers.append(nn.Linear(dim, len(self.out_vars) * patch_size**2))
         self.head = nn.Sequential(*layers)
 
-        token = torch.arange(gh * gw)
+        token = torch.arange(layout.n_tokens)
         self.register_buffer("token_row", token // gw, persistent=False)
         self.register_buffer("token_col", token % gw, persistent=False)
-        self.register_buffer("elevation", torch.full((gh * gw,), float("nan")), persistent=False)
+        self.register_buffer("elevation", torch.full((layout.n_tokens,), float("nan")), persistent=False)
         self._static_set = False
         self._init_weights()
 
@@ -190,7 +178,7 @@ class TopoFlowClimaX(nn.Module):
         `.to(device)`.
         """
         z = torch.as_tensor(np.asarray(patch_elevation) if not isinstance(patch_elevation, Tensor) else patch_elevation)
-        n = self.grid[0] * self.grid[1]
+        n = self.layout.n_tokens
         if z.shape != (n,):
             raise ValueError(f"patch_elevation has shape {tuple(z.shape)}, expected ({n},) for the {self.grid} patch grid")
         if not torch.isfinite(z).all():
@@ -216,7 +204,7 @@ class TopoFlowClimaX(nn.Module):
     def _check_order(self, scan_order: Tensor | None, bsz: int, device: torch.device) -> Tensor | None:
         if scan_order is None:
             return None
-        n = self.grid[0] * self.grid[1]
+        n = self.layout.n_tokens
         if scan_order.shape != (bsz, n) or scan_order.is_floating_point():
             raise ValueError(f"scan_order must be an integer tensor of shape ({bsz}, {n}), got {scan_order.dtype} {tuple(scan_order.shape)}")
         order = scan_order.to(device=device, dtype=torch.long)
@@ -228,7 +216,7 @@ class TopoFlowClimaX(nn.Module):
         """Per-token side fields, gathered with the same order as the tokens."""
         if not self._static_set:
             raise RuntimeError("physics is enabled but the patch elevation is unset: call net.set_static(static.patch_elevation) first")
-        n = self.grid[0] * self.grid[1]
+        n = self.layout.n_tokens
         if wind_speed is not None:
             if wind_speed.shape != (bsz, n):
                 raise ValueError(f"wind_speed must have shape ({bsz}, {n}), got {tuple(wind_speed.shape)}")

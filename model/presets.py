@@ -13,6 +13,7 @@ import torch
 
 from model.config import ModelConfig
 from model.net import TopoFlowClimaX
+from topoflow.layout import PatchLayout
 
 INPUTS = ("u", "v", "temp", "rh", "psfc", "pm10", "so2", "no2", "co", "o3", "lat2d", "lon2d", "pm25", "elevation", "population")
 TARGETS = ("pm25", "pm10", "so2", "no2", "co", "o3")
@@ -24,25 +25,20 @@ class Preset:
     """Everything needed to build a model of one size."""
 
     cfg: ModelConfig
-    img_size: tuple[int, int]
-    patch_size: int
-    regions: tuple[int, int]
+    layout: PatchLayout
     in_vars: tuple[str, ...] = INPUTS
     out_vars: tuple[str, ...] = TARGETS
 
-    @property
-    def tokens(self) -> int:
-        return (self.img_size[0] // self.patch_size) * (self.img_size[1] // self.patch_size)
-
     def build(self) -> TopoFlowClimaX:
-        return TopoFlowClimaX(self.cfg, self.in_vars, self.out_vars, self.img_size, self.patch_size, self.regions)
+        return TopoFlowClimaX(self.cfg, self.in_vars, self.out_vars, self.layout)
 
 
 PRESETS: dict[str, Preset] = {
     # configs/topoflow_china.yaml: 128x256, patch 2 -> 8192 tokens, 32x32 regions
-    "reference": Preset(ModelConfig(embed_dim=768, depth=8, num_heads=8, drop_path=0.1), (128, 256), 2, (32, 32)),
+    "reference": Preset(ModelConfig(embed_dim=768, depth=8, num_heads=8, drop_path=0.1),
+                        PatchLayout(grid=(128, 256), patch_size=2, regions=(32, 32))),
     # configs/demo.yaml: 32x64, patch 2 -> 512 tokens, 4x8 regions; ModelConfig defaults
-    "demo": Preset(ModelConfig(), (32, 64), 2, (4, 8)),
+    "demo": Preset(ModelConfig(), PatchLayout(grid=(32, 64), patch_size=2, regions=(4, 8))),
 }
 
 
@@ -59,7 +55,7 @@ def estimate_memory(preset: str | Preset, batch_size: int = 1, backend: Backend 
         net = p.build()
     params = sum(t.numel() for t in net.parameters())
     trainable = sum(t.numel() for t in net.parameters() if t.requires_grad)
-    b, n, d, h, v = batch_size, p.tokens, cfg.embed_dim, cfg.num_heads, len(p.in_vars)
+    b, n, d, h, v = batch_size, p.layout.n_tokens, cfg.embed_dim, cfg.num_heads, len(p.in_vars)
     embed = 4 * b * v * n * d  # patch tokens, + var embed, var_agg key/value projections
     per_block = (8 + 2 * cfg.mlp_ratio) * b * n * d  # norms, qkv, attention out, proj, fc1, GELU, residuals
     blocks = cfg.depth * per_block if not cfg.checkpoint_activations else cfg.depth * b * n * d + per_block

@@ -1,7 +1,9 @@
 """`python -m pipeline {sample,build,shard,inspect}`: the data-side command line.
 
 Each subcommand lives in its own module with a `add_arguments(parser)` and a `run(args) -> int`;
-this file only wires them up, so importing one stage never pulls in another's dependencies.
+this file only wires them up, so importing one stage never pulls in another's dependencies. Only
+expected failures (`TopoFlowError`) become a one-line error; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ import argparse
 import importlib
 import sys
 
-from pipeline.config import ConfigError
+from topoflow.errors import TopoFlowError
 
 SUBCOMMANDS = {
-    "sample": ("pipeline.sample", "write the embedded real-terrain raw source (NetCDF)"),
-    "build": ("pipeline.build", "raw source -> features.zarr (Dask graph, resumable)"),
+    "sample": ("pipeline.sample.write", "write the embedded real-terrain raw source (NetCDF)"),
+    "build": ("pipeline.build", "raw source -> features.zarr (Dask, resumable)"),
     "shard": ("pipeline.shard", "features.zarr -> WebDataset tar shards + manifest.json"),
     "inspect": ("pipeline.inspect", "validate a feature store or a shard set and print a summary"),
 }
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except TopoFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

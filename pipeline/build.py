@@ -1,19 +1,27 @@
-"""`python -m pipeline build`: raw source -> features.zarr, resumable, on Dask.
+"""`python -m pipeline build`: raw source -> features.zarr on Dask, in three steps (anemoi's
+init / load / finalise).
 
-The store is built under `<store>.partial`: the template (metadata, coords, static arrays) first,
-then one `region=` write per time block aligned to the Zarr chunks. Each finished block sets its
-done flag and per-block moments in the `build_progress` subgroup, so a killed build resumes where it
-stopped. Only when all blocks are done are the train statistics merged, `build_state` set to
-"complete" and the directory renamed to `<store>`: a store at the final path is always finished.
+- init: the template (metadata, coordinates, every static array, empty time arrays) and the
+  progress record are written into a temporary directory, then renamed to `<store>.partial`, so a
+  partial build either exists whole or not at all.
+- load: one Dask task per time block (= one Zarr chunk) reads each source variable once, computes
+  every time output of the feature table, writes them with Zarr region writes and returns the
+  block's train moments; the main process records each finished block, so a killed build resumes
+  where it stopped.
+- finalise: merge the moments into statistics, compute the per-lead change spread of the targets,
+  complete the record, drop the progress group, consolidate, and rename to `<store>`: a store at the
+  final path is always finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
-import dask
 import numpy as np
 import xarray as xr
 import zarr
@@ -21,99 +29,144 @@ from distributed import as_completed
 from tqdm import tqdm
 
 from pipeline.cluster import dask_client
-from pipeline.config import PipelineConfig, add_override_argument, load_pipeline_config
-from pipeline.features import N_MOMENTS, feature_dataset, merge_moments
-from pipeline.source import SourceError, open_source, source_fingerprint
-from pipeline.store import (
-    PROGRESS_GROUP,
-    TIME_ARRAYS,
-    StoreError,
-    consolidate,
-    encodings,
-    fingerprint,
-    partial_path,
-    read_attrs,
-    root_attrs,
-)
+from pipeline.config import PipelineConfig, load_pipeline_config
+from pipeline.features import TIME_OUTPUTS, Block, Statics
+from pipeline.fingerprint import fingerprint
+from pipeline.records import Provenance, SourceRecord, StoreRecord
+from pipeline.source import check_finite, describe_source, read_block
+from pipeline.statistics import N_MOMENTS, block_moments, change_std, grid_moments, merge_moments
+from pipeline.store import PROGRESS_GROUP, consolidate, encodings, partial_path, read_record, template
+from topoflow.config import add_override_argument, config_hash
+from topoflow.errors import SourceError, StoreError
+
+LAYOUT_KEYS = ("time_chunk", "zarr_format", "compressor", "compressor_level")  # build settings that change bytes
 
 
-def _mismatch(path: Path, attrs: dict | None, fp: dict[str, str]) -> str | None:
-    """Why the store at `path` was not built from these inputs, or None when it was."""
-    if attrs is None or "provenance" not in attrs:
-        return f"{path} exists but is not a feature store"
-    old = {k: attrs["provenance"].get(k) for k in fp}
-    changed = [f"{k} {old[k]} -> {fp[k]}" for k in fp if old[k] != fp[k]]
-    return f"{path} was built from other inputs ({'; '.join(changed)})" if changed else None
+def _git_version() -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
-def _write_template(ds: xr.Dataset, path: Path, cfg: PipelineConfig, fp: dict[str, str], n_blocks: int) -> None:
-    """Metadata, coords and static arrays; time arrays stay empty until their block is written."""
-    ds.attrs = root_attrs(cfg, fp)
-    ds.to_zarr(path, mode="w", compute=False, encoding=encodings(ds, cfg), zarr_format=cfg.build.zarr_format, consolidated=False)
-    progress = zarr.open_group(str(path / PROGRESS_GROUP), mode="w", zarr_format=cfg.build.zarr_format)
-    progress.create_array("done", shape=(n_blocks,), chunks=(1,), dtype=bool, fill_value=False)
-    progress.create_array("moments", shape=(n_blocks, ds.sizes["var"], N_MOMENTS), chunks=(1, ds.sizes["var"], N_MOMENTS), dtype="float64", fill_value=np.nan)
+def provenance(cfg: PipelineConfig) -> Provenance:
+    """Sources with content fingerprints, the full data recipe, byte-shaping build settings, versions."""
+    recipe = cfg.data.model_dump(mode="json", exclude={"store", "shards"})
+    return Provenance(
+        sources=[SourceRecord(path=str(cfg.data.raw), fingerprint=fingerprint(Path(cfg.data.raw)))],
+        recipe=recipe,
+        build=cfg.build.model_dump(mode="json", include=set(LAYOUT_KEYS)),
+        config_hash=config_hash(cfg.data.model_copy(update={"store": Path(), "shards": Path()})),
+        package_version=importlib.metadata.version("topoflow"),
+        git=_git_version(),
+        versions={m.__name__: m.__version__ for m in (np, xr, zarr)},
+    )
 
 
-def _moments_after_write(_written: None, moments: np.ndarray) -> np.ndarray:
-    """Makes a block's result (its moments) depend on its write having finished."""
-    return moments
+def differences(old: StoreRecord, new: StoreRecord, cfg: PipelineConfig) -> list[str]:
+    """Why a store with record `old` is not what this config and source build (empty: it is)."""
+    lines = old.mismatch(cfg.data)
+    before = [s.fingerprint for s in old.provenance.sources]
+    now = [s.fingerprint for s in new.provenance.sources]
+    if before != now:  # by content, not by path: a copy of the same files elsewhere is the same source
+        lines.append(f"sources {[s.path for s in new.provenance.sources]}: content fingerprints {before} -> {now}")
+    lines += [f"build.{k}: stored {old.provenance.build.get(k)}, config {new.provenance.build[k]}"
+              for k in LAYOUT_KEYS if old.provenance.build.get(k) != new.provenance.build[k]]
+    return lines
 
 
-def _block_task(ds: xr.Dataset, moments, path: Path, start: int, stop: int, index: int):  # noqa: ANN001, ANN202
-    """One delayed: write the block's time arrays with region=, then return its moments."""
-    sub = ds[list(TIME_ARRAYS)].isel(time=slice(start, stop)).drop_vars(list(ds.coords))
-    write = sub.to_zarr(path, region={"time": slice(start, stop)}, compute=False, consolidated=False)
-    return dask.delayed(_moments_after_write, pure=True)(write, moments.blocks[index])
+def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig) -> None:
+    """Template and progress record in a temporary directory, renamed to `path` (`<store>.partial`)."""
+    tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    times = cfg.data.times().values
+    ds = template(record, times, statics, cfg.build.time_chunk)
+    try:
+        ds.to_zarr(tmp, mode="w", compute=False, encoding=encodings(ds, cfg.build), zarr_format=cfg.build.zarr_format,
+                   consolidated=False)
+        n_blocks, n_vars = -(-len(times) // cfg.build.time_chunk), ds.sizes["var"]
+        progress = zarr.open_group(str(tmp / PROGRESS_GROUP), mode="w", zarr_format=cfg.build.zarr_format)
+        progress.create_array("done", shape=(n_blocks,), chunks=(1,), dtype=bool, fill_value=False)
+        progress.create_array("moments", shape=(n_blocks, n_vars, N_MOMENTS), chunks=(1, n_vars, N_MOMENTS),
+                              dtype="float64", fill_value=np.nan)
+        os.rename(tmp, path)
+    except OSError as exc:
+        raise StoreError(f"cannot write the new store under {path.parent} ({exc.strerror or exc}): free disk space "
+                         "or fix permissions, then rerun build") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_blocks(ds: xr.Dataset, moments, path: Path, cfg: PipelineConfig, scheduler: str | None, progress: bool) -> None:
-    """Compute and write every block not yet done; record each as it finishes."""
+def build_block(cfg: PipelineConfig, record: StoreRecord, path: str, start: int, stop: int) -> np.ndarray:
+    """One build task: read the block's sources once, write every time output, return its train moments."""
+    times = cfg.data.times().values[start:stop]
+    try:
+        fields, valid = read_block(cfg, times)
+    except OSError as exc:
+        raise SourceError(f"reading the raw source {cfg.data.raw} failed at {times[0]} ({exc}); the file is "
+                          "truncated or corrupt: re-download or regenerate it, then rerun build (finished blocks are kept)"
+                          ) from exc
+    check_finite(fields[valid], record.names("dynamic"), times[valid])
+    block = Block(record, fields, valid)
+    try:
+        group = zarr.open_group(path, mode="r+")
+        for out in TIME_OUTPUTS:
+            group[out.name][start:stop] = block.output(out.name)
+    except OSError as exc:
+        raise StoreError(f"writing {path} failed ({exc.strerror or exc}): free disk space or fix permissions, then "
+                         "rerun build (finished blocks are kept)") from exc
+    train = record.splits["train"]
+    in_train = valid & (times >= np.datetime64(train.start)) & (times <= np.datetime64(train.end))
+    return block_moments(fields[in_train])
+
+
+def load(path: Path, record: StoreRecord, cfg: PipelineConfig, scheduler: str | None, progress: bool) -> None:
+    """Run the build task of every block not yet done; record each one as it finishes."""
     group = zarr.open_group(str(path / PROGRESS_GROUP), mode="r+")
-    done, block_moments = group["done"], group["moments"]
-    bounds = np.cumsum((0, *ds["fields"].chunks[0]))
-    n_blocks = len(bounds) - 1
+    done, moments = group["done"], group["moments"]
+    n_times, chunk = len(cfg.data.times()), cfg.build.time_chunk
     todo = [int(i) for i in np.flatnonzero(~done[:])]
     if not todo:
         return
+    errors: dict[int, BaseException] = {}
     with dask_client(cfg.build, scheduler) as client:
-        futures, index = [], {}
-        for i in todo:  # submitted one by one: workers start while the next block's graph is built
-            future = client.compute(_block_task(ds, moments, path, int(bounds[i]), int(bounds[i + 1]), i))
-            futures.append(future)
-            index[future.key] = i
-        bar = tqdm(total=n_blocks, initial=n_blocks - len(todo), unit="block", desc="build", disable=not progress)
-        errors: dict[int, BaseException] = {}
-        try:
-            for future in as_completed(futures):
-                i = index[future.key]
-                if future.status == "error":
-                    # report the earliest failing block (e.g. the first NaN in time): drop later blocks
+        futures = {client.submit(build_block, cfg, record, str(path), i * chunk, min((i + 1) * chunk, n_times),
+                                 key=f"build-block-{i}-{os.getpid()}", pure=False): i for i in todo}
+        with tqdm(total=done.shape[0], initial=done.shape[0] - len(todo), unit="block", desc="build",
+                  disable=not progress) as bar:
+            for future in as_completed(list(futures)):
+                i = futures[future]
+                if future.status == "error":  # report the earliest failing block (e.g. the first NaN in time)
                     errors[i] = future.exception()
-                    client.cancel([f for f in futures if index[f.key] > min(errors)])
+                    client.cancel([f for f, j in futures.items() if j > min(errors)])
                 elif future.status == "finished":
-                    block_moments[i] = future.result()[0]
+                    moments[i] = future.result()
                     done[i] = True
                     bar.update()
-        finally:
-            bar.close()
-            client.cancel(futures)
     if errors:
-        first = errors[min(errors)]
-        if isinstance(first, OSError):
-            raise SourceError(
-                f"reading the raw source {cfg.data.raw} failed mid-build ({first}); the file is probably "
-                "truncated or corrupt: regenerate it, then rerun build (finished blocks are kept)"
-            ) from first
-        raise first
+        raise errors[min(errors)]
 
-def _finish(path: Path, final: Path) -> None:
-    """Merge statistics, mark complete, consolidate metadata, then move into place atomically."""
+
+def finalise(path: Path, final: Path, record: StoreRecord) -> None:
+    """Statistics, change spread, complete record; drop the progress group; move into place atomically."""
     group = zarr.open_group(str(path), mode="r+")
     mean, std = merge_moments(group[PROGRESS_GROUP]["moments"][:])
-    group["stats_mean"][:] = mean
-    group["stats_std"][:] = std
-    group.attrs["build_state"] = "complete"
+    if not np.isfinite(mean).all():
+        raise SourceError(f"the train split {record.splits['train'].start}..{record.splits['train'].end} has no valid "
+                          "time step: every one is missing from a source; fix data.splits.train")
+    group["stats_mean"][:], group["stats_std"][:] = mean, std
+    group["static_mean"][:], group["static_std"][:] = grid_moments(group["static"][:])
+    ds = xr.open_zarr(path, consolidated=False)
+    train = record.splits["train"]
+    time = ds["time"].values
+    index = np.flatnonzero(ds["valid"].values & (time >= np.datetime64(train.start)) & (time <= np.datetime64(train.end)))
+    change, pairs = change_std(ds["fields"], index, record.target_index, record.leads_h)
+    done = record.model_copy(update={"build_state": "complete", "change_pairs": pairs,
+                                     "change_std": [[None if np.isnan(v) else float(v) for v in row] for row in change]})
+    group.attrs.put(done.model_dump(mode="json"))
+    del group[PROGRESS_GROUP]
     consolidate(path)
     if final.exists():  # --overwrite: keep the old store until the new one is in place
         old = final.with_name(final.name + ".old")
@@ -125,36 +178,49 @@ def _finish(path: Path, final: Path) -> None:
         path.rename(final)
 
 
-def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+def _resumable(path: Path, new: StoreRecord, cfg: PipelineConfig, overwrite: bool) -> StoreRecord | None:
+    """The record of an unfinished build at `path` that this config may resume, else None (start anew)."""
+    if overwrite or not path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    old = read_record(path)
+    why = differences(old, new, cfg)
+    if why:
+        raise StoreError(f"unfinished build {path} was started from other inputs:\n  " + "\n  ".join(why) +
+                         f"\npass --overwrite to restart it, or delete {path}")
+    return old
+
+
+def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwrite: bool = False,
+                   progress: bool = True) -> Path:
     """Build (or resume, or confirm up to date) cfg.data.store; returns its path.
 
     A store or unfinished build from a different config/source is refused unless overwrite=True.
     """
     final = Path(cfg.data.store)
-    with open_source(cfg) as src:
-        fp = fingerprint(cfg, source_fingerprint(cfg.data.raw))
-        if final.exists() and not overwrite:
-            attrs = read_attrs(final)
-            why = _mismatch(final, attrs, fp)
-            if why:
-                raise StoreError(f"{why}: pass --overwrite to rebuild it, or set data.store to a new path")
-            if attrs.get("build_state") == "complete":
-                if progress:
-                    print(f"{final} is up to date (config and source unchanged)")
-                return final
-        path = partial_path(final)
-        ds, moments = feature_dataset(src, cfg)
-        if path.exists() and not overwrite:
-            why = _mismatch(path, read_attrs(path), fp)
-            if why:
-                raise StoreError(f"unfinished build {why}: pass --overwrite to restart it, or delete {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_template(ds, path, cfg, fp, len(ds["fields"].chunks[0]))
-        _run_blocks(ds, moments, path, cfg, scheduler, progress)
-    _finish(path, final)
+    found = describe_source(cfg)
+    new = StoreRecord.create(cfg.data, provenance(cfg), found.variables).model_copy(
+        update={"missing_times": found.missing_times})
+    if final.exists() and not overwrite:
+        old = read_record(final)
+        why = differences(old, new, cfg)
+        if why:
+            raise StoreError(f"{final} was built from other inputs:\n  " + "\n  ".join(why) +
+                             "\npass --overwrite to rebuild it, or set data.store to a new path")
+        if old.build_state == "complete":
+            if progress:
+                print(f"{final} is up to date (config and source unchanged)")
+            return final
+    path = partial_path(final)
+    record = _resumable(path, new, cfg, overwrite)
+    if record is None:
+        record = new
+        path.parent.mkdir(parents=True, exist_ok=True)
+        init(path, record, Statics(record, found.static, found.elevation, found.loss_mask), cfg)
+    load(path, record, cfg, scheduler, progress)
+    finalise(path, final, record)
     return final
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (sections data and build are used)")

@@ -1,4 +1,9 @@
-"""Where the build's Dask graph runs: a LocalCluster, an existing scheduler, or SLURM via dask-jobqueue."""
+"""Where the build's tasks run: a LocalCluster, an existing scheduler, or SLURM via dask-jobqueue.
+
+Worker processes, not threads: HDF5 (NetCDF-4) serialises reads across the threads of one process,
+so a build only speeds up with more cores when each core is its own process. The defaults are one
+single-threaded worker process per core, and one process per core of each SLURM job.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pipeline.config import BuildConfig, SlurmConfig
 
 
 class BloscThreadsOff(WorkerPlugin):
-    """Blosc's own thread pool fights Dask's worker threads for cores; Dask already parallelises chunks."""
+    """Blosc's own thread pool fights Dask's worker processes for cores; Dask already parallelises blocks."""
 
     name = "blosc-threads-off"
 
@@ -23,17 +28,11 @@ class BloscThreadsOff(WorkerPlugin):
 
 
 def slurm_cluster(slurm: SlurmConfig):  # noqa: ANN201 - dask_jobqueue is imported lazily
-    """A SLURMCluster with one single-process Dask worker per job (threads = cores)."""
+    """A SLURMCluster with `processes` single-threaded Dask workers per job."""
     from dask_jobqueue import SLURMCluster
 
-    return SLURMCluster(
-        queue=slurm.queue,
-        account=slurm.account,
-        cores=slurm.cores,
-        processes=1,
-        memory=slurm.memory,
-        walltime=slurm.walltime,
-    )
+    return SLURMCluster(queue=slurm.queue, account=slurm.account, cores=slurm.cores, processes=slurm.processes,
+                        memory=slurm.memory, walltime=slurm.walltime)
 
 
 @contextlib.contextmanager
@@ -47,16 +46,9 @@ def dask_client(build: BuildConfig, scheduler: str | None = None) -> Iterator[Cl
             cluster.scale(jobs=build.slurm.jobs)
             client = stack.enter_context(Client(cluster))
         else:
-            cluster = stack.enter_context(
-                LocalCluster(
-                    n_workers=build.n_workers,
-                    threads_per_worker=build.threads_per_worker,
-                    processes=build.processes,
-                    memory_limit=build.memory_limit,
-                    dashboard_address=None,
-                    silence_logs=logging.ERROR,
-                )
-            )
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=build.n_workers, threads_per_worker=build.threads_per_worker, processes=build.processes,
+                memory_limit=build.memory_limit, dashboard_address=None, silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster))
         client.register_plugin(BloscThreadsOff())
         yield client

@@ -1,55 +1,46 @@
-"""Typed, validated configuration of the data side (source, grid, variables, splits, build, shards).
+"""Typed, validated configuration of the data side: source, grid, variables, time, splits, build, shards.
 
-One YAML file describes a whole experiment (sections `data`, `build`, `shard`, `model`, `train`,
-`evaluate`, `ablate`). The pipeline validates the sections it owns and only checks that the other
-top-level keys are known; `train.config` validates the rest. Unknown keys and wrong types are
-errors that name the key (pydantic, `extra="forbid"`).
+The pipeline validates the sections it owns (`data`, `build`, `shard`); `train.config` validates the
+rest of the same file. Derived facts (the patch layout, the period, the variable kinds) are
+properties here, computed in one place.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
 
-TOP_LEVEL_SECTIONS = ("data", "build", "shard", "model", "train", "evaluate", "ablate")
+from topoflow.config import Strict, load_sections
+from topoflow.layout import PatchLayout, check_divisible
+
 POLLUTANTS = ("pm25", "pm10", "so2", "no2", "co", "o3")
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message names the key and the fix."""
-
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+VariableKind = Literal["dynamic", "static", "coordinate"]
+COORDINATES = ("lat2d", "lon2d")  # pipeline.features.COORDINATE_LAYERS defines them
 
 
 class VariableSpec(Strict):
-    """How one model variable is read from the raw source.
+    """One model input variable and where it comes from.
 
-    kind: `dynamic` (time, latitude, longitude), `static` (latitude, longitude; broadcast over time in
-    `fields`) or `coordinate` (lat2d / lon2d derived from the grid, no source variable).
+    kind: `dynamic` (time, lat, lon; stored in `fields`), `static` (lat, lon; stored once in `static`)
+    or `coordinate` (lat2d / lon2d, derived from the grid, never stored).
     """
 
     name: str
     source: str | None = None
     units: str
-    kind: Literal["dynamic", "static", "coordinate"] = "dynamic"
+    kind: VariableKind = "dynamic"
 
     @model_validator(mode="after")
     def _source_required(self) -> "VariableSpec":
         if self.kind != "coordinate" and not self.source:
             raise ValueError(f"variable {self.name!r}: `source` is required for kind {self.kind!r}")
-        if self.kind == "coordinate" and self.name not in ("lat2d", "lon2d"):
-            raise ValueError(f"variable {self.name!r}: kind 'coordinate' only exists for lat2d and lon2d")
+        if self.kind == "coordinate" and self.name not in COORDINATES:
+            raise ValueError(f"variable {self.name!r}: kind 'coordinate' only exists for {COORDINATES}")
         return self
 
 
@@ -62,13 +53,13 @@ class DomainConfig(Strict):
     n_lat: int = Field(gt=0)
     n_lon: int = Field(gt=0)
 
-    def latitudes(self) -> list[float]:
-        """Ascending cell-centre latitudes."""
-        return [self.lat_south + (i + 0.5) * self.resolution for i in range(self.n_lat)]
+    def latitudes(self) -> np.ndarray:
+        """Ascending cell-centre latitudes (float64)."""
+        return self.lat_south + (np.arange(self.n_lat) + 0.5) * self.resolution
 
-    def longitudes(self) -> list[float]:
-        """Ascending cell-centre longitudes."""
-        return [self.lon_west + (j + 0.5) * self.resolution for j in range(self.n_lon)]
+    def longitudes(self) -> np.ndarray:
+        """Ascending cell-centre longitudes (float64)."""
+        return self.lon_west + (np.arange(self.n_lon) + 0.5) * self.resolution
 
 
 class TimeRange(Strict):
@@ -85,15 +76,14 @@ class TimeRange(Strict):
 
 
 class SampleConfig(Strict):
-    """The embedded simulated source written by `python -m pipeline sample`."""
+    """The embedded simulated source written by `python -m pipeline sample` (over data.period)."""
 
-    period: TimeRange
-    step_hours: int = Field(default=1, gt=0)
     seed: int = 0
 
 
 class StaticSpec(Strict):
-    """Static fields of the source (no time dim)."""
+    """Static fields of the source (no time dim) that are not model inputs: the barrier's elevation
+    and the loss mask."""
 
     elevation: str = "z_sfc"
     elevation_units: str = "m"
@@ -101,13 +91,14 @@ class StaticSpec(Strict):
 
 
 class DataConfig(Strict):
-    """What the data is: source, grid, variables, targets, leads, patches, regions, splits."""
+    """What the data is: source, grid, time step, variables, targets, leads, patches, regions, splits."""
 
     raw: Path
     store: Path
     shards: Path
     domain: DomainConfig
-    sample: SampleConfig
+    step_hours: int = Field(default=1, gt=0, description="the common time step of the store, in hours")
+    sample: SampleConfig | None = None
     variables: list[VariableSpec]
     static: StaticSpec = StaticSpec()
     targets: list[str] = list(POLLUTANTS)
@@ -125,51 +116,45 @@ class DataConfig(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variables listed twice: {dup}")
-        for t in self.targets:
-            if t not in names:
-                raise ValueError(f"target {t!r} is not among the input variables {names}")
-        for w in self.wind:
-            if w not in names:
-                raise ValueError(f"wind component {w!r} is not among the input variables {names}")
+        for role, wanted in (("target", self.targets), ("wind component", self.wind)):
+            for name in wanted:
+                if name not in self.dynamic_names:
+                    raise ValueError(f"{role} {name!r} is not among the dynamic input variables {self.dynamic_names}")
         if any(lead <= 0 for lead in self.leads_h) or len(set(self.leads_h)) != len(self.leads_h):
             raise ValueError(f"leads_h must be distinct positive hours, got {self.leads_h}")
         for lead in self.leads_h:
-            if lead % self.sample.step_hours:
-                raise ValueError(f"lead {lead} h is not a multiple of the time step {self.sample.step_hours} h")
-        p, (ry, rx) = self.patch_size, self.regions
-        d = self.domain
-        if d.n_lat % p or d.n_lon % p:
-            raise ValueError(
-                f"grid {d.n_lat}x{d.n_lon} is not divisible by patch_size {p}: choose a patch size that divides both"
-            )
-        gh, gw = d.n_lat // p, d.n_lon // p
-        if gh % ry or gw % rx:
-            raise ValueError(
-                f"patch grid {gh}x{gw} (grid {d.n_lat}x{d.n_lon} / patch {p}) is not divisible by regions "
-                f"{ry}x{rx}: choose regions that divide the patch grid"
-            )
+            if lead % self.step_hours:
+                raise ValueError(f"lead {lead} h is not a multiple of data.step_hours={self.step_hours}")
+        check_divisible((self.domain.n_lat, self.domain.n_lon), self.patch_size, self.regions)
         if "train" not in self.splits:
             raise ValueError("splits must define `train` (statistics are computed over it)")
         return self
 
     @property
-    def patch_grid(self) -> tuple[int, int]:
-        """(patch rows, patch cols)."""
-        return self.domain.n_lat // self.patch_size, self.domain.n_lon // self.patch_size
+    def layout(self) -> PatchLayout:
+        return PatchLayout(grid=(self.domain.n_lat, self.domain.n_lon), patch_size=self.patch_size,
+                           regions=self.regions)
 
     @property
-    def n_tokens(self) -> int:
-        gh, gw = self.patch_grid
-        return gh * gw
+    def period(self) -> TimeRange:
+        """The store's time span: from the earliest split start to the latest split end."""
+        return TimeRange(start=min(r.start for r in self.splits.values()), end=max(r.end for r in self.splits.values()))
+
+    def times(self) -> pd.DatetimeIndex:
+        """Every time step of the store, data.step_hours apart."""
+        return pd.date_range(self.period.start, self.period.end, freq=f"{self.step_hours}h")
+
+    def names_of(self, kind: VariableKind) -> list[str]:
+        return [v.name for v in self.variables if v.kind == kind]
 
     @property
     def variable_names(self) -> list[str]:
+        """Every model input variable, in the model's channel order."""
         return [v.name for v in self.variables]
 
     @property
-    def target_index(self) -> list[int]:
-        """Position of each target among the input variables (in `fields`' var axis)."""
-        return [self.variable_names.index(t) for t in self.targets]
+    def dynamic_names(self) -> list[str]:
+        return self.names_of("dynamic")
 
 
 class SlurmConfig(Strict):
@@ -181,23 +166,30 @@ class SlurmConfig(Strict):
 
     queue: str | None = Field(default=None, description="SLURM partition (#SBATCH -p); None = site default")
     account: str | None = Field(default=None, description="SLURM account (#SBATCH -A); None = user default")
-    cores: int = Field(default=8, gt=0, description="cores per job = threads of its Dask worker")
+    cores: int = Field(default=8, gt=0, description="cores per job")
+    processes: int = Field(default=8, gt=0, description="Dask worker processes per job (HDF5 reads lock per process)")
     memory: str = Field(default="32GB", description="memory per job, e.g. 64GB")
     walltime: str = Field(default="02:00:00", description="HH:MM:SS per job")
-    jobs: int = Field(default=2, gt=0, description="SLURM jobs (= Dask workers) to start")
+    jobs: int = Field(default=2, gt=0, description="SLURM jobs to start")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SlurmConfig":
+        if self.cores % self.processes:
+            raise ValueError(f"slurm.cores {self.cores} must be a multiple of slurm.processes {self.processes}")
+        return self
 
 
 class BuildConfig(Strict):
     """How `python -m pipeline build` runs: chunking, cluster, Zarr format."""
 
-    time_chunk: int = Field(default=24, gt=0, description="time steps per Zarr chunk = per resumable block")
+    time_chunk: int = Field(default=24, gt=0, description="time steps per Zarr chunk = per build task")
     zarr_format: Literal[2, 3] = 3
     cluster: Literal["local", "slurm"] = Field(default="local", description="where workers run unless --scheduler")
     n_workers: int | None = Field(
-        default=1, description="LocalCluster worker processes: one, whose threads share a block (no transfers); None = per core"
-    )
-    threads_per_worker: int | None = Field(default=None, description="threads per worker; None = all cores")
-    processes: bool = Field(default=True, description="LocalCluster worker processes (False = threads in-process)")
+        default=None, description="LocalCluster worker processes; None = one per core (HDF5 reads lock per process)")
+    threads_per_worker: int = Field(default=1, gt=0, description="threads per LocalCluster worker")
+    processes: bool = Field(default=True, description="LocalCluster worker processes; False = threads in this "
+                                                     "process (debugging, tiny stores: HDF5 reads share one lock)")
     memory_limit: str = "auto"
     compressor: Literal["lz4", "zstd"] = Field(default="lz4", description="Blosc codec: lz4 is fastest to read back")
     compressor_level: int = Field(default=5, ge=0, le=9)
@@ -219,75 +211,6 @@ class PipelineConfig(Strict):
     shard: ShardConfig = ShardConfig()
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file into a dict; a missing or malformed file is a ConfigError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass --config with an existing YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping with sections {TOP_LEVEL_SECTIONS}")
-    unknown = sorted(set(raw) - set(TOP_LEVEL_SECTIONS))
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown top-level key(s) {unknown}; allowed: {TOP_LEVEL_SECTIONS}")
-    return raw
-
-
-def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None:
-    """The `--set KEY=VALUE` option every command shares (collected in `args.overrides`)."""
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a config value, e.g. --set {example} (repeatable; value parsed as YAML)")
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply `--set a.b.c=value` overrides (value parsed as YAML) to a raw config dict, in place."""
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        dotted, value = item.split("=", 1)
-        keys = dotted.split(".")
-        if keys[0] not in TOP_LEVEL_SECTIONS:
-            raise ConfigError(f"override {item!r}: unknown section {keys[0]!r}; allowed: {TOP_LEVEL_SECTIONS}")
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(value)
-    return raw
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem, each naming the dotted key, e.g. `data.patch_size: Input should be ...`."""
-    lines = [f"invalid configuration in {source}:"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        lines.append(f"  {key}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def validate_section(model: type[BaseModel], raw: dict[str, Any], source: str, prefix: str = "") -> Any:
-    """Validate raw data against a model, turning pydantic errors into a ConfigError naming keys."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        msg = format_validation_error(exc, source)
-        if prefix:
-            msg = msg.replace("\n  ", f"\n  {prefix}")
-        raise ConfigError(msg) from None
-
-
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Load the pipeline's sections of an experiment file (paths are relative to the working dir)."""
-    raw = apply_overrides(read_yaml(path), overrides)
-    owned = {k: raw[k] for k in ("data", "build", "shard") if k in raw}
-    return validate_section(PipelineConfig, owned, str(path))
-
-
-def config_hash(config: BaseModel) -> str:
-    """Stable short hash of a config section, recorded in provenance to detect changed configs."""
-    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return load_sections(PipelineConfig, path, overrides, ("data", "build", "shard"))

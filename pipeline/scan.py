@@ -8,11 +8,9 @@ Inputs are on the cell grid with latitude ascending (row 0 = south), u east, v n
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
-ScanMode = Literal["regional", "global", "none"]
+from topoflow.layout import ScanMode, order_dtype
 
 
 SLAB_CELLS = 1 << 16  # cells per pass of region_mean_wind: its float64 temporaries stay in the CPU cache
@@ -75,11 +73,6 @@ def local_orders(rows: int, cols: int, sectors: int) -> np.ndarray:
         proj = np.round(c * np.cos(theta) + r * np.sin(theta), 9)
         table[k + 1] = np.argsort(proj, kind="stable")
     return table
-
-
-def order_dtype(n_tokens: int) -> np.dtype:
-    """int16 while every token index fits, else int32 (DESIGN.md)."""
-    return np.dtype(np.int16) if n_tokens <= 32767 else np.dtype(np.int32)
 
 
 def orders_from_sectors(sector: np.ndarray, patch_grid: tuple[int, int], regions: tuple[int, int], sectors: int) -> np.ndarray:

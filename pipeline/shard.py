@@ -1,27 +1,26 @@
 """`python -m pipeline shard`: features.zarr -> `{split}-NNNNNN.tar` WebDataset shards + manifest.json.
 
 Why shards: training streams large sequential reads from a parallel file system instead of random
-Zarr chunk reads. One sample per input time t; its targets are the target variables at t + lead,
-looked up inside the same split (a train sample never reads val/test values, so no leakage) and NaN
-where t + lead is past the split's data (the loader masks them). Samples whose input holds NaN are
-dropped and listed in the manifest.
+Zarr chunk reads. One sample per input time t whose input is valid; its targets are the target
+variables at t + lead, looked up inside the same split (a train sample never reads val/test values,
+so no leakage) and NaN where t + lead is past the split's data (the loader masks them). Input times
+that are a gap in the store (`valid` False) are skipped and listed in the manifest by reason.
 
+The manifest copies the store's record; statistics come from the store (computed by the build).
 Reruns are cheap and exact: tar headers are fixed (mtime, uid/gid, names, mode) so the same store
 gives byte-identical shards; a shard is written under a temporary name and renamed once closed,
 then recorded in the manifest (sha256, bytes, count, the split positions it covers). A rerun
-against the same store and settings keeps every leading shard whose sha256 still matches and
-rewrites from the first missing or damaged one.
+against the same store and settings keeps every leading shard that still verifies and rewrites
+from the first missing or damaged one.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import dask
 import numpy as np
@@ -30,55 +29,21 @@ import webdataset as wds
 import xarray as xr
 from tqdm.auto import tqdm
 
-from pipeline.change_stats import change_std
-from pipeline.config import PipelineConfig, ShardConfig, add_override_argument, load_pipeline_config
-from pipeline.shardset import (
-    SAMPLE_MEMBERS,
-    SCHEMA_VERSION,
-    STATIC_ARRAYS,
-    key_index,
-    manifest_path,
-    sample_key,
-    sha256_file,
-    shard_name,
-    shard_problem,
-    summarize_shard_set,
-)
+from pipeline.codec import ENCODERS, SAMPLE_MEMBERS
+from pipeline.config import PipelineConfig, ShardConfig, load_pipeline_config
+from pipeline.features import STATIC_OUTPUTS, TIME_OUTPUTS
+from pipeline.records import ManifestRecord, ShardEntry, ShardPlan, SplitRecord, StaticEntry, Statistics, StoreRecord
+from pipeline.shardset import (key_index, manifest_path, read_manifest, sample_key, shard_name, shard_problem,
+                               summarize_shard_set, write_manifest)
 from pipeline.store import open_features
+from topoflow.config import add_override_argument
+from topoflow.errors import ShardSetError, StoreError
+from topoflow.files import atomic_write_bytes, sha256_file, sha256_json
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00Z: a fixed mtime makes reruns byte-identical
 TAR_OWNER = "topoflow"  # uname/gname; uid/gid stay tarfile's default 0
-_ENCODERS = {  # explicit so nothing can ever be pickled into a shard
-    "npy": wds.writer.numpy_dumps,
-    "json": lambda obj: json.dumps(obj, sort_keys=True).encode("utf-8"),
-}
-_PER_TIME = ("scan_order", "scan_order_global", "wind_speed")
-_REQUIRED = ("fields", "loss_mask", "patch_elevation", "patch_elevation_std", "stats_mean", "stats_std", *_PER_TIME)
-
-
-def store_fingerprint(ds: xr.Dataset) -> str:
-    """Cheap identity of a feature store: root attrs, variable shapes/dtypes and the time axis."""
-    blob = {
-        "attrs": ds.attrs,
-        "vars": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(ds.data_vars.items())},
-        "time": [str(t) for t in ds.time.values[[0, -1]]] + [ds.sizes["time"]],
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _check_store(ds: xr.Dataset, cfg: PipelineConfig) -> None:
-    """The store must be the one this config builds: every array, variable and target present."""
-    fix = "rebuild it with `python -m pipeline build --config CONFIG` using this config"
-    missing = [name for name in _REQUIRED if name not in ds]
-    if missing:
-        raise ValueError(f"feature store {cfg.data.store} lacks the arrays {missing}: {fix}")
-    names = [str(v) for v in ds["var"].values]
-    if names != cfg.data.variable_names:
-        raise ValueError(f"feature store {cfg.data.store} has variables {names}, the config lists "
-                         f"{cfg.data.variable_names}: {fix}")
-    if ds.sizes["token"] != cfg.data.n_tokens:
-        raise ValueError(f"feature store {cfg.data.store} has {ds.sizes['token']} tokens, the config's grid "
-                         f"and patch size give {cfg.data.n_tokens}: {fix}")
+INPUT_MISSING = "input missing"  # skip reason: the input time is a gap in the store
+PER_TIME = tuple(o for o in TIME_OUTPUTS if o.member and o.name != "fields")  # small per-sample arrays
 
 
 class _Window:
@@ -103,14 +68,14 @@ class _Window:
 class _SplitWriter:
     """Writes one split's samples with webdataset's ShardWriter and records finished shards."""
 
-    def __init__(self, root: Path, split: str, record: dict[str, Any], cfg: ShardConfig, save: Any) -> None:
+    def __init__(self, root: Path, split: str, record: SplitRecord, cfg: ShardConfig, save: Callable[[], None]) -> None:
         self.record, self.save = record, save
         self.pending: list[int] = []
-        self.next_start = record["shards"][-1]["stop"] if record["shards"] else 0
+        self.next_start = record.shards[-1].stop if record.shards else 0
         self.writer = wds.ShardWriter(
             str(root / (shard_name(split, 0).replace("000000", "%06d") + ".tmp")),
             maxcount=cfg.max_count, maxsize=cfg.max_size, post=self._finish,
-            start_shard=len(record["shards"]), verbose=0, encoder=_ENCODERS,
+            start_shard=len(record.shards), verbose=0, encoder=ENCODERS,
             mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER, mode=0o444,
         )
 
@@ -123,11 +88,11 @@ class _SplitWriter:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         final = tmp.with_suffix("")
-        entry = {"name": final.name, "count": len(self.pending), "bytes": tmp.stat().st_size,
-                 "sha256": sha256_file(tmp), "start": self.next_start, "stop": self.pending[-1] + 1}
+        entry = ShardEntry(name=final.name, count=len(self.pending), bytes=tmp.stat().st_size,
+                           sha256=sha256_file(tmp), start=self.next_start, stop=self.pending[-1] + 1)
         os.replace(tmp, final)
-        self.record["shards"].append(entry)
-        self.next_start, self.pending = entry["stop"], []
+        self.record.shards.append(entry)
+        self.next_start, self.pending = entry.stop, []
         self.save()
 
     def write(self, position: int, sample: dict[str, Any]) -> None:
@@ -146,39 +111,36 @@ def _target_positions(times: np.ndarray, leads_h: list[int]) -> np.ndarray:
     return np.where(found, pos, -1)
 
 
-def _split_index(time: np.ndarray, cfg: PipelineConfig, split: str) -> np.ndarray:
+def split_index(time: np.ndarray, record: StoreRecord, split: str) -> np.ndarray:
     """Store indices of a split's time steps (sorted)."""
-    period = cfg.data.splits[split]
+    period = record.splits[split]
     return np.nonzero((time >= np.datetime64(period.start)) & (time <= np.datetime64(period.end)))[0]
 
 
-def _stats(ds: xr.Dataset, cfg: PipelineConfig) -> dict[str, Any]:
-    """Normalisation statistics of the manifest: the store's per-variable mean/std (train period) and
-    the per-lead spread of each target's change (train period, see pipeline.change_stats)."""
-    change, pairs = change_std(ds.fields, _split_index(ds.time.values, cfg, "train"), cfg.data.target_index,
-                               cfg.data.leads_h)
-    return {"mean": ds.stats_mean.values.tolist(), "std": ds.stats_std.values.tolist(),
-            "change_std": [[None if np.isnan(v) else float(v) for v in row] for row in change],
-            "change_pairs": pairs}
+def _sample(split: str, pos: int, time: np.datetime64, x: np.ndarray, y: np.ndarray, per_time: dict[str, np.ndarray],
+            j: int, leads_h: list[int]) -> dict[str, Any]:
+    key = sample_key(split, pos)
+    return {"__key__": key, "input.npy": x, "target.npy": y,
+            **{o.member: per_time[o.name][j] for o in PER_TIME},
+            "meta.json": {"time": pd.Timestamp(time).isoformat(), "leads_h": leads_h, "key": key}}
 
 
-def _write_split(ds: xr.Dataset, cfg: PipelineConfig, split: str, record: dict[str, Any],
-                 root: Path, save: Any, bar: tqdm) -> None:
+def _write_split(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, split: str, out: SplitRecord,
+                 root: Path, save: Callable[[], None], bar: tqdm) -> None:
     """Write the samples of one split from the first position not yet covered by a good shard."""
-    store_index = _split_index(ds.time.values, cfg, split)
-    times = ds.time.values[store_index]
-    targets = _target_positions(times, cfg.data.leads_h)
-    tvars = cfg.data.target_index
-    grid = ds.fields.shape[2:]
+    store_index = split_index(ds.time.values, record, split)
+    times, valid = ds.time.values[store_index], ds.valid.values[store_index]
+    targets = _target_positions(times, record.leads_h)
+    tvars = record.target_index
     window = _Window(ds.fields, store_index)
-    writer = _SplitWriter(root, split, record, cfg.shard, save)
+    writer = _SplitWriter(root, split, out, cfg.shard, save)
     block = cfg.build.time_chunk
 
     def read(start: int) -> tuple[int, int, np.ndarray, int, dict[str, np.ndarray]]:
         """Rows for positions [start, stop) and their targets; the window never mutates old arrays."""
         stop = min(start + block, len(times))
         window.load(start, max(stop, int(targets[start:stop].max()) + 1))
-        (per_time,) = dask.compute({k: ds[k].isel(time=store_index[start:stop]).data for k in _PER_TIME})
+        (per_time,) = dask.compute({o.name: ds[o.name].isel(time=store_index[start:stop]).data for o in PER_TIME})
         return start, stop, window.rows, window.start, per_time
 
     bar.update(writer.next_start)
@@ -189,144 +151,102 @@ def _write_split(ds: xr.Dataset, cfg: PipelineConfig, split: str, record: dict[s
             start, stop, rows, rows_start, per_time = future.result()
             future = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
             for pos in range(start, stop):
-                x = rows[pos - rows_start]
-                if np.isnan(x).any():
-                    record["dropped"].append(sample_key(split, pos))
-                    bar.update(1)
+                bar.update(1)
+                if not valid[pos]:
+                    out.skipped.setdefault(INPUT_MISSING, []).append(sample_key(split, pos))
                     continue
-                y = np.full((len(cfg.data.leads_h), len(tvars), *grid), np.nan, dtype=np.float32)
+                y = np.full((len(record.leads_h), len(tvars), *rows.shape[2:]), np.nan, dtype=np.float32)
                 for lead, tpos in enumerate(targets[pos]):
                     if tpos >= 0:
                         y[lead] = rows[tpos - rows_start][tvars]
-                j = pos - start
-                writer.write(pos, {
-                    "__key__": sample_key(split, pos),
-                    "input.npy": x,
-                    "target.npy": y,
-                    "scan_order.npy": per_time["scan_order"][j],
-                    "scan_order_global.npy": per_time["scan_order_global"][j],
-                    "wind_speed.npy": per_time["wind_speed"][j].astype(np.float32),
-                    "meta.json": {"time": pd.Timestamp(times[pos]).isoformat(), "leads_h": cfg.data.leads_h,
-                                  "key": sample_key(split, pos)},
-                })
-                bar.update(1)
+                writer.write(pos, _sample(split, pos, times[pos], rows[pos - rows_start], y, per_time, pos - start,
+                                          record.leads_h))
     writer.close()
-    record["complete"] = True
+    out.complete = True
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
-def _write_static(ds: xr.Dataset, root: Path) -> dict[str, Any]:
+def _write_static(ds: xr.Dataset, root: Path) -> dict[str, StaticEntry]:
     """Static arrays beside the manifest as .npy (loaded once per process by the trainer)."""
-    arrays = {
-        "patch_elevation": ds.patch_elevation.values.astype(np.float32),
-        "patch_elevation_std": ds.patch_elevation_std.values.astype(np.float32),
-        "loss_mask": ds.loss_mask.values.astype(bool),
-        "lat": ds.lat.values.astype(np.float64),
-        "lon": ds.lon.values.astype(np.float64),
-    }
+    arrays = {o.member: ds[o.name].values for o in STATIC_OUTPUTS if o.member}
+    arrays.update({"lat.npy": ds.lat.values.astype(np.float64), "lon.npy": ds.lon.values.astype(np.float64)})
     entries = {}
-    for name in STATIC_ARRAYS:
-        path = root / f"{name}.npy"
-        _atomic_write(path, wds.writer.numpy_dumps(np.ascontiguousarray(arrays[name])))
-        entries[name] = {"file": path.name, "shape": list(arrays[name].shape), "dtype": str(arrays[name].dtype),
-                         "sha256": sha256_file(path)}
+    for member, values in arrays.items():
+        path = root / member
+        atomic_write_bytes(path, wds.writer.numpy_dumps(np.ascontiguousarray(values)))
+        entries[member.removesuffix(".npy")] = StaticEntry(file=member, shape=list(values.shape),
+                                                           dtype=str(values.dtype), sha256=sha256_file(path))
     return entries
 
 
-def _kept_shards(root: Path, old: dict[str, Any] | None, plan: dict[str, Any], split: str) -> dict[str, Any]:
+def _kept_shards(root: Path, old: ManifestRecord | None, plan: ShardPlan, split: str) -> SplitRecord:
     """The split record to resume from: leading shards of a compatible old manifest that still verify."""
-    record: dict[str, Any] = {"n_times": 0, "complete": False, "dropped": [], "shards": []}
-    if old is None or old.get("plan") != plan or split not in old["splits"]:
-        return record
-    old_record = old["splits"][split]
-    for shard in old_record["shards"]:
-        if shard_problem(root / shard["name"], shard["bytes"], shard["sha256"]) is not None:
+    if old is None or old.plan != plan or split not in old.splits:
+        return SplitRecord()
+    before = old.splits[split]
+    kept = []
+    for entry in before.shards:
+        if shard_problem(root / entry.name, entry) is not None:
             break
-        record["shards"].append(shard)
-    if old_record["complete"] and len(record["shards"]) == len(old_record["shards"]):
-        return dict(old_record)
-    covered = record["shards"][-1]["stop"] if record["shards"] else 0
-    record["dropped"] = [k for k in old_record["dropped"] if key_index(k) < covered]
-    return record
+        kept.append(entry)
+    if before.complete and len(kept) == len(before.shards):
+        return before.model_copy(deep=True)
+    covered = kept[-1].stop if kept else 0
+    skipped = {why: [k for k in keys if key_index(k) < covered] for why, keys in before.skipped.items()}
+    return SplitRecord(skipped=skipped, shards=kept)
 
 
-def _read_old_manifest(root: Path) -> dict[str, Any] | None:
+def _old_manifest(root: Path) -> ManifestRecord | None:
     try:
-        return json.loads(manifest_path(root).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_manifest(root)
+    except ShardSetError:
         return None
+
+
+def _statistics(ds: xr.Dataset) -> Statistics:
+    return Statistics(mean=ds.stats_mean.values.tolist(), std=ds.stats_std.values.tolist(),
+                      static_mean=ds.static_mean.values.tolist(), static_std=ds.static_std.values.tolist())
+
+
+def _remove_stale(root: Path, old: ManifestRecord | None, manifest: ManifestRecord) -> None:
+    """Delete shards an older manifest listed that the new set no longer has (a different plan)."""
+    if old is None:
+        return
+    current = {s.name for r in manifest.splits.values() for s in r.shards}
+    for entry in (s for r in old.splits.values() for s in r.shards):
+        if entry.name not in current:
+            (root / entry.name).unlink(missing_ok=True)
 
 
 def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
     """Write (or complete) the shard set of cfg.data.store into cfg.data.shards; returns manifest.json."""
-    ds = open_features(cfg.data.store)
-    _check_store(ds, cfg)
-    time = ds.time.values
-    sizes = {k: len(_split_index(time, cfg, k)) for k in cfg.data.splits}
-    empty = [k for k, n in sizes.items() if n == 0]
-    if empty:
-        raise ValueError(f"split(s) {empty} have no time steps in {cfg.data.store} (it covers {time[0]} .. "
-                         f"{time[-1]}): fix data.splits or rebuild the store for this period")
+    ds, record = open_features(cfg.data.store)
+    why = record.mismatch(cfg.data)
+    if why:
+        raise StoreError(f"feature store {cfg.data.store} was built from another config:\n  " + "\n  ".join(why) +
+                         "\nrebuild it with `python -m pipeline build --config CONFIG --overwrite`")
+    sizes = {k: len(split_index(ds.time.values, record, k)) for k in record.splits}
     root = Path(cfg.data.shards)
     root.mkdir(parents=True, exist_ok=True)
-    plan = {"schema_version": SCHEMA_VERSION, "fingerprint": store_fingerprint(ds), "leads_h": cfg.data.leads_h,
-            "targets": cfg.data.targets, "splits": {k: [v.start.isoformat(), v.end.isoformat()]
-                                                   for k, v in cfg.data.splits.items()},
-            "max_count": cfg.shard.max_count, "max_size": cfg.shard.max_size}
-    old = _read_old_manifest(root)
-    same_plan = old is not None and old.get("plan") == plan  # same store and settings: same statistics
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "complete": False,
-        "plan": plan,
-        "source": {"store": str(cfg.data.store), "fingerprint": plan["fingerprint"],
-                   "provenance": ds.attrs.get("provenance")},
-        "variables": cfg.data.variable_names,
-        "units": {v.name: v.units for v in cfg.data.variables},
-        "targets": cfg.data.targets,
-        "leads_h": cfg.data.leads_h,
-        "grid": list(ds.fields.shape[2:]),
-        "patch_size": cfg.data.patch_size,
-        "regions": list(cfg.data.regions),
-        "n_tokens": cfg.data.n_tokens,
-        "members": list(SAMPLE_MEMBERS),
-        "stats": old["stats"] if same_plan else _stats(ds, cfg),
-        "static": _write_static(ds, root),
-        "splits": {split: _kept_shards(root, old, plan, split) for split in cfg.data.splits},
-    }
-
-    def save() -> None:
-        _atomic_write(manifest_path(root), json.dumps(manifest, indent=1, sort_keys=True).encode())
-
+    plan = ShardPlan(store_fingerprint=sha256_json(record.model_dump(mode="json")), max_count=cfg.shard.max_count,
+                     max_size=cfg.shard.max_size)
+    old = _old_manifest(root)
+    manifest = ManifestRecord(store_path=str(cfg.data.store), store=record, plan=plan, members=list(SAMPLE_MEMBERS),
+                              statistics=_statistics(ds), static=_write_static(ds, root),
+                              splits={split: _kept_shards(root, old, plan, split) for split in record.splits})
+    save = lambda: write_manifest(root, manifest)  # noqa: E731
     save()
     with tqdm(total=sum(sizes.values()), desc="shard", unit="sample", disable=not progress) as bar:
-        for split, record in manifest["splits"].items():
-            record["n_times"] = sizes[split]
-            if record["complete"]:
+        for split, out in manifest.splits.items():
+            out.n_times = sizes[split]
+            if out.complete:
                 bar.update(sizes[split])
                 continue
-            _write_split(ds, cfg, split, record, root, save, bar)
+            _write_split(ds, record, cfg, split, out, root, save, bar)
             save()
     _remove_stale(root, old, manifest)
-    manifest["complete"] = True
+    manifest.complete = True
     save()
     return manifest_path(root)
-
-
-def _remove_stale(root: Path, old: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
-    """Delete shards an older manifest listed that the new set no longer has (a different plan)."""
-    if old is None or "splits" not in old:
-        return
-    current = {s["name"] for r in manifest["splits"].values() for s in r["shards"]}
-    for record in old["splits"].values():
-        for shard in record.get("shards", []):
-            if shard["name"] not in current:
-                (root / shard["name"]).unlink(missing_ok=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -340,4 +260,3 @@ def run(args: argparse.Namespace) -> int:
     path = write_shards(cfg, progress=not args.no_progress)
     print(summarize_shard_set(path))
     return 0
-

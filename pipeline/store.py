@@ -1,53 +1,32 @@
-"""The features.zarr contract: array schema, encodings, root attrs, and a checked opener.
+"""features.zarr: its template (from the feature table), encodings, record I/O and a checked opener.
 
-The build writes against this module, `inspect` validates against it, and downstream code opens
-stores through `open_features`, so a half-built or foreign store is caught in one place.
+The build writes the template first (metadata, coordinates and every static array), then fills the
+time arrays block by block with region writes; `inspect` validates against the same table, and
+downstream code opens stores through `open_features`, so a half-built, foreign or old-schema store is
+caught in one place. Coordinates carry CF attributes, and per-variable units / standard names /
+long names are coordinate variables along `var` and `static_var`, so cf-xarray and pint-xarray
+work on the store as it is.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import warnings
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numcodecs
+import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.config import BuildConfig, PipelineConfig, config_hash
-from pipeline.scan import order_dtype
+from pipeline.config import BuildConfig
+from pipeline.features import FINAL_OUTPUTS, OUTPUTS, STATIC_OUTPUTS, TIME_OUTPUTS, Statics
+from pipeline.records import StoreRecord, VariableRecord
+from topoflow.errors import StoreError
 
-SCHEMA_VERSION = 1
-PROGRESS_GROUP = "build_progress"  # per-block done flags and moments (a subgroup: invisible to xarray)
-ORDER = "order"  # placeholder dtype: int16, or int32 beyond 32767 tokens
-
-SCHEMA: dict[str, tuple[tuple[str, ...], str]] = {
-    "fields": (("time", "var", "lat", "lon"), "float32"),
-    "elevation": (("lat", "lon"), "float32"),
-    "loss_mask": (("lat", "lon"), "bool"),
-    "patch_elevation": (("token",), "float32"),
-    "patch_elevation_std": (("token",), "float32"),
-    "wind_speed": (("time", "token"), "float32"),
-    "region_sector": (("time", "region"), "int8"),
-    "global_sector": (("time",), "int8"),
-    "scan_order": (("time", "token"), ORDER),
-    "scan_order_global": (("time", "token"), ORDER),
-    "stats_mean": (("var",), "float64"),
-    "stats_std": (("var",), "float64"),
-}
-TIME_ARRAYS = tuple(name for name, (dims, _) in SCHEMA.items() if "time" in dims)
-
-
-class StoreError(ValueError):
-    """A feature store that is missing, unfinished, foreign or built from other inputs."""
-
-
-def expected_dtype(name: str, n_tokens: int) -> str:
-    """The dtype `name` must have in a store with n_tokens tokens."""
-    dtype = SCHEMA[name][1]
-    return str(order_dtype(n_tokens)) if dtype == ORDER else dtype
+PROGRESS_GROUP = "build_progress"  # per-block done flags and moments; removed when the build completes
 
 
 def partial_path(store: str | Path) -> Path:
@@ -56,53 +35,61 @@ def partial_path(store: str | Path) -> Path:
     return store.with_name(store.name + ".partial")
 
 
-def fingerprint(cfg: PipelineConfig, source_fp: str) -> dict[str, str]:
-    """What the store's content depends on: the data config (minus paths), its chunking, and the source."""
-    data = cfg.data.model_copy(update={"raw": Path(), "store": Path(), "shards": Path()})
-    layout = BuildConfig(**cfg.build.model_dump(include={"time_chunk", "zarr_format", "compressor", "compressor_level"}))
-    content = PipelineConfig(data=data, build=layout)
-    return {"config_hash": config_hash(content), "source_fingerprint": source_fp}
+def _variable_coords(dim: str, prefix: str, variables: list[VariableRecord]) -> dict[str, Any]:
+    """`dim` itself plus `{prefix}_units`, `_standard_name`, `_long_name` along it (CF metadata per variable)."""
+    coords: dict[str, Any] = {dim: (dim, np.array([v.name for v in variables], dtype=object))}
+    for key in ("units", "standard_name", "long_name"):
+        values = [getattr(v, key) or "" for v in variables]
+        coords[f"{prefix}_{key}"] = (dim, np.array(values, dtype=object), {"long_name": f"{key} of each {dim}"})
+    return coords
 
 
-def root_attrs(cfg: PipelineConfig, fp: dict[str, str]) -> dict[str, Any]:
-    """CF-friendly root attrs with everything a consumer needs to interpret the arrays."""
-    d = cfg.data
+def coordinates(record: StoreRecord, times: np.ndarray) -> dict[str, Any]:
+    """CF coordinates of the store: time, lat, lon, var, static_var (with per-variable metadata), token, region."""
+    d = record.domain
     return {
-        "Conventions": "CF-1.8",
-        "title": "TopoFlow feature store (inputs, patch statics, wind scan orders, train statistics)",
-        "schema_version": SCHEMA_VERSION,
-        "grid": [d.domain.n_lat, d.domain.n_lon],
-        "patch_size": d.patch_size,
-        "patch_grid": list(d.patch_grid),
-        "regions": list(d.regions),
-        "sectors": d.sectors,
-        "calm_threshold": d.calm_threshold,
-        "variables": d.variable_names,
-        "units": {v.name: v.units for v in d.variables},
-        "targets": list(d.targets),
-        "wind": list(d.wind),
-        "splits": {k: [r.start.isoformat(), r.end.isoformat()] for k, r in d.splits.items()},
-        "leads_h": list(d.leads_h),
-        "step_hours": d.sample.step_hours,
-        "provenance": {
-            **fp,
-            "source": Path(d.raw).name,
-            "package_version": importlib.metadata.version("topoflow"),
-            "xarray": xr.__version__,
-            "zarr": zarr.__version__,
-        },
-        "build_state": "building",
+        "time": ("time", times, {"standard_name": "time", "long_name": "valid time", "axis": "T"}),
+        "lat": ("lat", d.latitudes(), {"units": "degrees_north", "standard_name": "latitude", "axis": "Y"}),
+        "lon": ("lon", d.longitudes(), {"units": "degrees_east", "standard_name": "longitude", "axis": "X"}),
+        **_variable_coords("var", "var", [v for v in record.variables if v.kind == "dynamic"]),
+        **_variable_coords("static_var", "static", [v for v in record.variables if v.kind == "static"]),
+        "token": ("token", np.arange(record.layout.n_tokens),
+                  {"long_name": "patch_row * patch_cols + patch_col, rows from south"}),
+        "region": ("region", np.arange(record.layout.n_regions),
+                   {"long_name": "region_row * region_cols + region_col"}),
     }
 
 
-def encodings(ds: xr.Dataset, cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Blosc (build.compressor) with byte shuffle for every data array; chunks follow the dask chunks of `ds`."""
-    name, level = cfg.build.compressor, cfg.build.compressor_level
-    if cfg.build.zarr_format == 3:
+def template(record: StoreRecord, times: np.ndarray, statics: Statics, time_chunk: int) -> xr.Dataset:
+    """The whole store as a lazy dataset: static arrays computed, time and final arrays as dask zeros
+    (to_zarr(compute=False) writes their metadata only)."""
+    coords = coordinates(record, times)
+    sizes = {"time": len(times), "var": len(record.names("dynamic")), "static_var": len(record.names("static")),
+             "lat": record.domain.n_lat, "lon": record.domain.n_lon, "token": record.layout.n_tokens,
+             "region": record.layout.n_regions}
+    data_vars = {}
+    for out in (*TIME_OUTPUTS, *FINAL_OUTPUTS):
+        shape = tuple(sizes[d] for d in out.dims)
+        chunks = tuple(time_chunk if d == "time" else -1 for d in out.dims)
+        data_vars[out.name] = (out.dims, da.zeros(shape, dtype=out.dtype_for(record), chunks=chunks), out.attrs)
+    for out in STATIC_OUTPUTS:
+        data_vars[out.name] = (out.dims, np.asarray(out.compute(statics), dtype=out.dtype_for(record)), out.attrs)
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs = record.model_dump(mode="json")
+    return ds
+
+
+def encodings(ds: xr.Dataset, build: BuildConfig) -> dict[str, dict[str, Any]]:
+    """Blosc (build.compressor) with byte shuffle for every data array; hours since the first step for time."""
+    name, level = build.compressor, build.compressor_level
+    if build.zarr_format == 3:
         codec: Any = BloscCodec(cname=name, clevel=level, shuffle="shuffle")
     else:
         codec = numcodecs.Blosc(cname=name, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE)
-    return {name: {"compressors": (codec,)} for name in ds.data_vars}
+    out: dict[str, dict[str, Any]] = {n: {"compressors": (codec,)} for n in ds.data_vars}
+    first = np.datetime_as_string(ds["time"].values[0], unit="s").replace("T", " ")
+    out["time"] = {"units": f"hours since {first}", "calendar": "proleptic_gregorian", "dtype": "int64"}
+    return out
 
 
 def consolidate(path: str | Path) -> None:
@@ -120,24 +107,36 @@ def read_attrs(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def open_features(path: str | Path) -> xr.Dataset:
-    """Open a finished feature store lazily; a missing, unfinished or foreign store is a clear error."""
+def read_record(path: str | Path) -> StoreRecord:
+    """The record of the store at `path`; a foreign, damaged or other-schema store is a StoreError."""
+    attrs = read_attrs(path)
+    if attrs is None:
+        raise StoreError(f"{path} is not a readable Zarr group: rebuild it with `python -m pipeline build`")
+    return StoreRecord.from_attrs(attrs, str(path), StoreError)
+
+
+def open_features(path: str | Path) -> tuple[xr.Dataset, StoreRecord]:
+    """A finished feature store, opened lazily, with its record; a missing, unfinished or foreign
+    store is a StoreError saying what to run."""
     path = Path(path)
     if not path.exists():
-        hint = " (an unfinished build exists: rerun `python -m pipeline build` to resume it)" if partial_path(
-            path).exists() else ""
+        hint = " (an unfinished build exists: rerun `python -m pipeline build` to resume it)" \
+            if partial_path(path).exists() else ""
         raise StoreError(f"feature store {path} does not exist{hint}; run `python -m pipeline build --config ...`")
-    attrs = read_attrs(path)
-    if attrs is None or "schema_version" not in attrs:
-        raise StoreError(f"{path} is not a feature store written by `python -m pipeline build`; rebuild it")
-    if attrs["schema_version"] != SCHEMA_VERSION:
-        raise StoreError(
-            f"{path} has schema version {attrs['schema_version']}, this code reads {SCHEMA_VERSION}; "
-            "rebuild it with `python -m pipeline build --overwrite`"
-        )
-    if attrs.get("build_state") != "complete":
-        raise StoreError(
-            f"feature store {path} is unfinished (build_state={attrs.get('build_state')!r}); "
-            "rerun `python -m pipeline build` to finish it"
-        )
-    return xr.open_zarr(path, consolidated=True)
+    record = read_record(path)
+    if record.build_state != "complete":
+        raise StoreError(f"feature store {path} is unfinished (build_state={record.build_state!r}); "
+                         "rerun `python -m pipeline build` to finish it")
+    return xr.open_zarr(path, consolidated=True), record
+
+
+def schema_problems(ds: xr.Dataset, record: StoreRecord) -> list[str]:
+    """Arrays missing, or with other dims/dtypes than the feature table says."""
+    problems = []
+    for name, out in OUTPUTS.items():
+        if name not in ds:
+            problems.append(f"array {name!r} is missing")
+        elif ds[name].dims != out.dims or ds[name].dtype != out.dtype_for(record):
+            problems.append(f"array {name!r} is {ds[name].dims} {ds[name].dtype}, "
+                            f"expected {out.dims} {out.dtype_for(record)}")
+    return problems

@@ -1,97 +1,26 @@
-"""Shared fixtures: a tiny config and a fast synthetic raw source in the real source layout.
+"""Shared fixtures: a tiny config, its synthetic source, and a store and shard set built once per session.
 
-The synthetic source is random but plausible (positive concentrations, a smooth wind field,
-descending latitude, ERA5/CAMS names and units attrs) so pipeline tests run in seconds; the
-physically simulated sample is exercised separately by the sample tests and `make demo`.
+The helpers behind them live in tests/helpers.py (import them from there, not from this file).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import xarray as xr
-import yaml
 
 from pipeline.config import PipelineConfig, load_pipeline_config
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_raw_config(tmp_path: Path) -> dict:
-    """The demo config shrunk to an 8x16 grid, 4x8 patches in 2x2 regions, 3-hourly for 6 days."""
-    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    data = raw["data"]
-    data["raw"] = str(tmp_path / "raw.nc")
-    data["store"] = str(tmp_path / "features.zarr")
-    data["shards"] = str(tmp_path / "shards")
-    data["domain"] = {"lat_south": 30.0, "lon_west": 100.0, "resolution": 1.0, "n_lat": 8, "n_lon": 16}
-    data["sample"] = {"period": {"start": "2018-01-01T00:00", "end": "2018-01-06T21:00"}, "step_hours": 3, "seed": 1}
-    data["leads_h"] = [3, 6, 12]
-    data["regions"] = [2, 2]
-    data["splits"] = {
-        "train": {"start": "2018-01-01T00:00", "end": "2018-01-03T21:00"},
-        "val": {"start": "2018-01-04T00:00", "end": "2018-01-04T21:00"},
-        "test": {"start": "2018-01-05T00:00", "end": "2018-01-06T21:00"},
-    }
-    raw["build"] = {"time_chunk": 8, "zarr_format": 3, "n_workers": 1, "threads_per_worker": 2}
-    raw["shard"] = {"max_count": 8}
-    return raw
+from tests.helpers import tiny_raw_config, write_config, write_synthetic_source
 
 
-def write_config(raw: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def write_synthetic_source(cfg: PipelineConfig, seed: int = 0) -> xr.Dataset:
-    """Write a random raw source matching `cfg` (descending latitude) to cfg.data.raw and return it."""
-    data = cfg.data
-    rng = np.random.default_rng(seed)
-    times = pd.date_range(data.sample.period.start, data.sample.period.end, freq=f"{data.sample.step_hours}h")
-    lat = np.array(data.domain.latitudes())[::-1]  # descending, like ERA5
-    lon = np.array(data.domain.longitudes())
-    nt, ny, nx = len(times), len(lat), len(lon)
-    yy, xx = np.meshgrid(np.linspace(0, 1, ny), np.linspace(0, 1, nx), indexing="ij")
-    phase = rng.uniform(0, 2 * np.pi, size=(nt, 1, 1))
-    variables = {}
-    for spec in data.variables:
-        if spec.kind == "coordinate":
-            continue
-        if spec.kind == "static":
-            if spec.name == "elevation":
-                values = 3000.0 * np.exp(-((yy - 0.7) ** 2 + (xx - 0.3) ** 2) / 0.05)
-            else:
-                values = rng.lognormal(4, 1, size=(ny, nx))
-            variables[spec.source] = (("latitude", "longitude"), values.astype(np.float32), {"units": spec.units})
-            continue
-        if spec.name in data.wind:
-            base = 6.0 * np.cos(phase + 3 * xx) if spec.name == data.wind[0] else 4.0 * np.sin(phase + 2 * yy)
-            values = base + rng.normal(0, 1, size=(nt, ny, nx))
-        elif spec.name == "temp":
-            values = 280 + 10 * yy + rng.normal(0, 2, size=(nt, ny, nx))
-        elif spec.name == "psfc":
-            values = 95000 + 1000 * xx + rng.normal(0, 100, size=(nt, ny, nx))
-        elif spec.name == "rh":
-            values = np.clip(60 + rng.normal(0, 15, size=(nt, ny, nx)), 1, 100)
-        else:
-            values = rng.lognormal(3, 0.5, size=(nt, ny, nx))
-        variables[spec.source] = (("time", "latitude", "longitude"), values.astype(np.float32), {"units": spec.units})
-    if data.static.loss_mask:
-        variables[data.static.loss_mask] = (("latitude", "longitude"), (xx < 0.9).astype(np.float32), {"units": "1"})
-    ds = xr.Dataset(
-        variables,
-        coords={
-            "time": ("time", times),
-            "latitude": ("latitude", lat, {"units": "degrees_north"}),
-            "longitude": ("longitude", lon, {"units": "degrees_east"}),
-        },
-    )
-    Path(data.raw).parent.mkdir(parents=True, exist_ok=True)
-    ds.to_netcdf(data.raw, engine="h5netcdf")
-    return ds
+@pytest.fixture(autouse=True, scope="session")
+def _fingerprint_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Source fingerprints are cached in a session folder, never in the user's home."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TOPOFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("topoflow-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture

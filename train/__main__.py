@@ -6,10 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from model import CheckpointError as ModelCheckpointError
-from pipeline.config import ConfigError, add_override_argument
-from pipeline.shardset import ShardSetError
-from train.checkpoint import CheckpointError
+from topoflow.config import add_override_argument
+from topoflow.errors import TopoFlowError
 from train.config import load_experiment_config
 from train.distributed import init_distributed, shutdown
 
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         finally:
             shutdown()
-    except (ConfigError, CheckpointError, ModelCheckpointError, ShardSetError, FileNotFoundError) as exc:
+    except TopoFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from topoflow.errors import TrainingError
 from train.checkpoint import LAST
 from train.config import ExperimentConfig, load_experiment_config
 from train.distributed import DistEnv, init_distributed
@@ -67,7 +68,7 @@ def ablate(config_path: Path, overrides: list[str], *, progress: bool = True, en
             log.info("ablation %s seed %d -> %s", variant.name, seed, run_dir)
             result = fit(run_cfg, resume=(run_dir / LAST).is_file(), progress=progress, env=env)
             if result.best_val_loss is None:
-                raise RuntimeError(f"ablation run {run_dir} produced no finite validation loss: see its train.log")
+                raise TrainingError(f"ablation run {run_dir} produced no finite validation loss: see its train.log")
             results[variant.name].append(result.best_val_loss)
     summary: dict[str, Any] = {
         "seeds": cfg.ablate.seeds,

@@ -1,24 +1,29 @@
 """`Batch` and its assembly from decoded samples: normalisation, lead selection and loss masks.
 
-Assembly runs inside the loader workers, so the training loop receives ready tensors. Targets are
-normalised with the manifest's statistics of the target variables; `mask` is True where the target
-is finite AND the static loss mask counts the cell, and `y` is 0 wherever `mask` is False, so a
-masked loss never touches a NaN (0 * NaN would still be NaN).
+Assembly runs inside the loader workers, so the training loop receives ready tensors. `x` holds the
+dynamic channels only (the static and coordinate channels join on the device: `train.inputs`).
+Targets are normalised with the manifest's statistics of the target variables; `mask` is True where
+the target is finite AND the static loss mask counts the cell, and `y` is 0 wherever `mask` is
+False, so a masked loss never touches a NaN (0 * NaN would still be NaN).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from topoflow.layout import ScanMode
+from train.shards import ShardSet
+
 
 @dataclass
 class Batch:
-    """One batch. Train mode: y/mask (B,P,H,W), lead_times (B,); eval mode: y/mask (B,n_leads,P,H,W),
-    lead_times (n_leads,). `valid` (B,) is False for eval padding rows (their mask is all False)."""
+    """One batch. x (B, V_dynamic, H, W) normalised. Train mode: y/mask (B,P,H,W), lead_times (B,);
+    eval mode: y/mask (B,n_leads,P,H,W), lead_times (n_leads,). `valid` (B,) is False for eval
+    padding rows (their mask is all False)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -44,7 +49,7 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def order_for(self, scan: Literal["regional", "global", "none"]) -> torch.Tensor | None:
+    def order_for(self, scan: ScanMode) -> torch.Tensor | None:
         """The (B, L) scan order for a model's `scan` setting; None means identity (spatial order)."""
         if scan == "regional":
             return self.scan_order
@@ -69,7 +74,7 @@ def _normalise(a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return a
 
 
-def assemble(samples: list[dict[str, Any] | None], static: Any, lead_index: np.ndarray | None,
+def assemble(samples: list[dict[str, Any] | None], shards: ShardSet, lead_index: np.ndarray | None,
              skipped_shards: list[str]) -> dict[str, Any]:
     """Decoded samples (None = eval padding) -> the fields of a Batch as numpy arrays (`Batch.from_arrays`).
     `lead_index` (B,) picks one lead per sample (train); None keeps all leads (eval).
@@ -77,8 +82,8 @@ def assemble(samples: list[dict[str, Any] | None], static: Any, lead_index: np.n
     Numpy, not tensors, because loader workers pass batches to the main process: pickled arrays
     travel in one message, while each tensor costs torch a shared-memory segment and a file
     descriptor (benchmarks/loader.py)."""
-    v, (h, w) = len(static.variables), static.grid
-    n_leads, p, n_tok = len(static.leads_h), len(static.targets), len(static.patch_elevation)
+    v, (h, w) = shards.member_shapes["input.npy"][0], shards.layout.grid
+    n_leads, p, n_tok = len(shards.leads_h), len(shards.targets), shards.layout.n_tokens
     b = len(samples)
     valid = np.array([s is not None for s in samples])
     x = np.empty((b, v, h, w), dtype=np.float32)  # padding rows are zeroed after normalising
@@ -94,13 +99,13 @@ def assemble(samples: list[dict[str, Any] | None], static: Any, lead_index: np.n
         target[i] = s["target.npy"][lead_index[i]] if train else s["target.npy"]  # copy only the drawn lead
         order[i], order_global[i], wind[i] = s["scan_order.npy"], s["scan_order_global.npy"], s["wind_speed.npy"]
         keys[i], times[i] = s["__key__"], s["meta.json"]["time"]
-    x = _normalise(x, static.stats_mean[:, None, None], static.input_std[:, None, None])
+    x = _normalise(x, shards.stats_mean[:, None, None], shards.input_std[:, None, None])
     x[~valid] = 0.0
-    leads = np.asarray(static.leads_h, dtype=np.float32)
+    leads = np.asarray(shards.leads_h, dtype=np.float32)
     lead_times = leads[lead_index] if train else leads
-    tidx = static.target_index
-    tm, ts = static.stats_mean[tidx, None, None], static.input_std[tidx, None, None]  # broadcast over (.., P, H, W)
-    mask = np.isfinite(target) & static.loss_mask
+    tidx = shards.target_index
+    tm, ts = shards.stats_mean[tidx, None, None], shards.input_std[tidx, None, None]  # broadcast over (.., P, H, W)
+    mask = np.isfinite(target) & shards.loss_mask
     y = _normalise(target, tm, ts)
     y[~mask] = 0.0
     return {"x": x, "y": y, "mask": mask, "lead_times": lead_times, "scan_order": order,

@@ -8,7 +8,7 @@ truncated `last.ckpt`. Best-k files are named `best-val_loss=0.3557-step=311.ckp
 
 from __future__ import annotations
 
-import os
+import io
 import random
 import re
 from pathlib import Path
@@ -17,23 +17,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import DataConfig
+from pipeline.records import MODEL_FACTS, StoreRecord
+from topoflow.errors import CheckpointError
+from topoflow.files import atomic_write_bytes
+
 LAST = "last.ckpt"
 _BEST_RE = re.compile(r"^best-val_loss=(?P<loss>[0-9.]+|nan|inf)-step=(?P<step>\d+)\.ckpt$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for what was asked; the message names the file and the fix."""
-
-
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """torch.save to `<path>.tmp-<pid>`, fsync, then rename over `path`."""
+    """torch.save, written atomically (temporary name, fsync, rename; nothing left behind on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -114,23 +112,14 @@ def default_checkpoint(run_dir: Path) -> Path:
     )
 
 
-def check_same_grid(ckpt: dict[str, Any], data_cfg: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint trained on another grid/patching/variable set than the config describes."""
-    stored = ckpt.get("config", {}).get("data")
+def check_data(ckpt: dict[str, Any], data: DataConfig, path: Path) -> None:
+    """Refuse a checkpoint trained on another grid, patching, variables, targets or leads than `data`."""
+    stored = ckpt.get("store_record")
     if stored is None:
-        raise CheckpointError(f"{path} holds no experiment config: it was not written by `python -m train fit`; "
-                              "use it through train.init_from instead")
-    for key in ("domain", "patch_size", "regions", "targets"):
-        if stored.get(key) != data_cfg.get(key):
-            raise CheckpointError(
-                f"{path} was trained with data.{key}={stored.get(key)} but the config has {data_cfg.get(key)}: "
-                "evaluate/resume with the config it was trained with, or fine-tune from it with train.init_from "
-                "(which adapts the position embedding to the new grid)"
-            )
-    stored_vars = [v["name"] for v in stored.get("variables", [])]
-    wanted_vars = [v["name"] for v in data_cfg.get("variables", [])]
-    if stored_vars != wanted_vars:
-        raise CheckpointError(
-            f"{path} was trained on input variables {stored_vars} but the config lists {wanted_vars}: "
-            "use the config it was trained with, or fine-tune from it with train.init_from"
-        )
+        raise CheckpointError(f"{path} holds no store record: it was not written by this version of "
+                              "`python -m train fit`; use it through train.init_from instead")
+    why = StoreRecord.model_validate(stored).mismatch(data, MODEL_FACTS)
+    if why:
+        raise CheckpointError(f"{path} was trained on other data than the config describes:\n  " + "\n  ".join(why) +
+                              "\nevaluate/resume with the config it was trained with, or fine-tune from it with "
+                              "train.init_from (which adapts the position embedding to a new grid)")

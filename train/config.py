@@ -13,14 +13,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from model.config import ModelConfig
-from pipeline.config import (
-    ConfigError,
-    PipelineConfig,
-    Strict,
-    apply_overrides,
-    read_yaml,
-    validate_section,
-)
+from pipeline.config import PipelineConfig
+from topoflow.config import Strict, apply_overrides, read_yaml, validate_section
+from topoflow.errors import ConfigError
 
 
 class TrainConfig(Strict):

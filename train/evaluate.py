@@ -1,134 +1,170 @@
 """`python -m train evaluate`: skill of a checkpoint on the test split, against persistence.
 
-Persistence forecasts the value at the input time for every lead; a model that cannot beat it has
-learned nothing useful. Everything is computed in physical units (denormalised with the manifest's
-train-period statistics) over the cells that are on the loss mask and have a valid target.
-Outputs in one folder: metrics.json (DESIGN.md's shape), report.md and PNG figures.
+Three steps: `load` (checkpoint, shard set, network, loader), `accumulate` (every batch and lead into
+running sums, merged across ranks) and `report` (metrics.json, report.md, figures). Persistence
+forecasts the value at the input time for every lead; a model that cannot beat it has learned
+nothing useful. Everything is in physical units (denormalised with the manifest's train-period
+statistics) over the cells on the loss mask with a valid target.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from model import ModelConfig
-from train.checkpoint import CheckpointError, check_same_grid, default_checkpoint, load_checkpoint
+from topoflow.errors import CheckpointError
+from topoflow.files import atomic_write_bytes, atomic_write_json
+from train.checkpoint import check_data, default_checkpoint, load_checkpoint
 from train.config import ExperimentConfig
-from train.data import ShardStream, load_static
 from train.distributed import DistEnv, all_reduce_sum, init_distributed
-from train.fit import autocast, forward, loader_workers, setup_logging
-from train.loss import latitude_weights
+from train.fit import setup_logging
+from train.loader import ShardStream, loader_workers
 from train.metrics import SkillAccumulator, exceedance_threshold
-from train.net import build_model, check_shards_match
+from train.net import build_model, check_shards
 from train.report import markdown_report, plot_alphas, plot_maps, plot_rmse_by_lead, plot_scan_order
+from train.shards import load_shard_set
+from train.step import StepContext, forward
 
 log = logging.getLogger("train")
 SOURCES = ("model", "persistence")
+Skill = dict[str, dict[str, dict[int, SkillAccumulator]]]  # source -> pollutant -> lead -> sums
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+@dataclass
+class Evaluation:
+    """A checkpoint ready to evaluate: its network (eval mode), step context and loader."""
+
+    path: Path
+    ckpt: dict[str, Any]
+    model_cfg: ModelConfig
+    net: nn.Module
+    ctx: StepContext
+    loader: ShardStream
+    n_batches: int
+
+
+def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evaluation:
+    """Read the checkpoint (default: evaluate.checkpoint, else the best in train.run_dir) and set up."""
+    path = Path(checkpoint or cfg.evaluate.checkpoint or default_checkpoint(Path(cfg.train.run_dir)))
+    ckpt = load_checkpoint(path)
+    check_data(ckpt, cfg.data, path)
+    shards = load_shard_set(cfg.data.shards)
+    check_shards(cfg.data, shards)
+    model_cfg = ModelConfig.model_validate(ckpt["config"]["model"])  # the architecture it was trained with
+    residual = bool(ckpt["config"]["train"]["residual"])
+    if residual and ckpt.get("residual_scale") is None:
+        raise CheckpointError(f"checkpoint {path} was trained with train.residual but holds no residual_scale "
+                              "(written by an older version): retrain it with `python -m train fit`")
+    net = build_model(model_cfg, shards).to(env.device)
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    ctx = StepContext.create(shards, model_cfg.scan, residual, cfg.train.precision, env.device,
+                             ckpt.get("residual_scale"))
+    split = cfg.evaluate.split
+    loader = ShardStream(cfg.data.shards, split, cfg.train.eval_batch_size, mode="eval", rank=env.rank,
+                         world_size=env.world_size, strict=cfg.train.strict_data,
+                         num_workers=loader_workers(shards, split, env.world_size, cfg.train.num_workers))
+    log.info("evaluating %s (step %s) on the %s split", path, ckpt.get("step"), split)
+    return Evaluation(path, ckpt, model_cfg, net, ctx, loader, min(len(loader), cfg.evaluate.max_batches or len(loader)))
+
+
+def _map_sample(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, batch: Any, ev: Evaluation) -> dict[str, Any]:
+    order = batch.order_for(ev.model_cfg.scan)
+    return {"pred": pred[0], "truth": truth[0], "mask": mask[0], "time": batch.times[0],
+            "order": np.arange(ev.ctx.shards.layout.n_tokens) if order is None else order[0].cpu().numpy()}
+
+
+@torch.no_grad()
+def accumulate(ev: Evaluation, map_lead: int, progress: bool) -> tuple[Skill, dict[str, Any]]:
+    """Running skill sums of the model and of persistence, and one sample drawn at `map_lead`."""
+    shards, ctx = ev.ctx.shards, ev.ctx
+    units = shards.record.units
+    skill: Skill = {src: {p: {lead: SkillAccumulator(exceedance_threshold(p, units[p])) for lead in shards.leads_h}
+                          for p in shards.targets} for src in SOURCES}
+    t_mean = torch.as_tensor(shards.target_mean, device=ctx.device).view(1, -1, 1, 1)
+    t_std = torch.as_tensor(shards.target_std, device=ctx.device).view(1, -1, 1, 1)
+    lat_w = ctx.lat_w.cpu().numpy()[:, None]
+    sample: dict[str, Any] = {}
+    for i, batch in enumerate(tqdm(ev.loader, total=ev.n_batches, desc="evaluate", disable=not progress)):
+        if i >= ev.n_batches:
+            break
+        batch = batch.to(ctx.device)
+        persistence = (batch.x[:, shards.target_index] * t_std + t_mean).cpu().numpy()
+        for li, lead in enumerate(shards.leads_h):
+            with ctx.autocast():
+                norm = forward(ev.net, batch, ctx, batch.lead_times[li].expand(batch.x.shape[0]))
+            pred = (norm.float() * t_std + t_mean).cpu().numpy()
+            truth = (batch.y[:, li] * t_std + t_mean).cpu().numpy()
+            mask = batch.mask[:, li].cpu().numpy()
+            for pi, name in enumerate(shards.targets):
+                for src, fc in (("model", pred), ("persistence", persistence)):
+                    skill[src][name][lead].update(fc[:, pi], truth[:, pi], mask[:, pi], lat_w)
+            if lead == map_lead and not sample and bool(batch.valid[0]):
+                sample = _map_sample(pred, truth, mask, batch, ev)
+    return skill, sample
+
+
+def metrics_of(skill: Skill, units: dict[str, str], device: torch.device) -> dict[str, Any]:
+    """DESIGN.md's metrics.json shape, from sums merged across ranks."""
+    metrics: dict[str, Any] = {src: {} for src in skill}
+    for src, by_name in skill.items():
+        for name, by_lead in by_name.items():
+            metrics[src][name] = {}
+            for lead, acc in by_lead.items():
+                acc.load_vector(all_reduce_sum(torch.as_tensor(acc.as_vector(), device=device)).cpu().numpy())
+                metrics[src][name][str(lead)] = acc.result()
+    metrics["units"] = {name: units[name] for name in next(iter(skill.values()))}
+    return metrics
+
+
+def report(ev: Evaluation, metrics: dict[str, Any], sample: dict[str, Any], map_lead: int, out_dir: Path,
+           split: str) -> Path:
+    """metrics.json, the figures and report.md in `out_dir`; returns report.md."""
+    shards = ev.ctx.shards
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    figures = [
+        plot_maps(sample["pred"], sample["truth"], sample["mask"], shards.lat, shards.lon, shards.targets,
+                  shards.record.units, f"{sample['time']} + {map_lead} h", out_dir / f"maps_lead{map_lead}h.png"),
+        plot_rmse_by_lead(metrics, shards.targets, out_dir / "rmse_by_lead.png"),
+    ]
+    alphas = {k: v.detach().cpu().numpy() for k, v in ev.net.physics_alphas().items()}
+    if alphas:
+        figures.append(plot_alphas(alphas, out_dir / "alpha.png"))
+    figures.append(plot_scan_order(sample["order"], shards.patch_elevation, shards.layout.patch_grid,
+                                   shards.layout.regions, f"scan order ({ev.model_cfg.scan}) at {sample['time']}",
+                                   out_dir / "scan_order.png"))
+    physics = "on" if ev.model_cfg.physics.enabled else "off"
+    info = {
+        "checkpoint": str(ev.path),
+        "step": str(ev.ckpt.get("step")),
+        "split": f"{split} ({ev.n_batches} batches of {ev.loader.batch_size})",
+        "model": f"scan={ev.model_cfg.scan}, physics={physics}, residual={ev.ctx.scale is not None}",
+        "learned alpha": ", ".join(f"{k}={np.round(v, 3).tolist()}" for k, v in alphas.items()) or "n/a (physics off)",
+    }
+    path = out_dir / "report.md"
+    atomic_write_bytes(path, markdown_report(metrics, info, figures).encode())
+    return path
 
 
 def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: Path | None = None,
              progress: bool = True, env: DistEnv | None = None) -> Path:
-    """Evaluate `checkpoint` (default: evaluate.checkpoint, else the best in train.run_dir); returns report.md."""
+    """Evaluate a checkpoint on evaluate.split; returns the path of report.md (written by rank 0)."""
     env = env or init_distributed()
-    ecfg = cfg.evaluate
-    path = Path(checkpoint or ecfg.checkpoint or default_checkpoint(Path(cfg.train.run_dir)))
-    out_dir = Path(output or ecfg.output or Path(cfg.train.run_dir) / "report")
     setup_logging(Path(cfg.train.run_dir), env.is_main)
-    ckpt = load_checkpoint(path)
-    check_same_grid(ckpt, cfg.data.model_dump(mode="json"), path)
-    static = load_static(cfg.data.shards)
-    check_shards_match(cfg.data, static)
-    model_cfg = ModelConfig.model_validate(ckpt["config"]["model"])  # the architecture it was trained with
-    residual = bool(ckpt["config"]["train"]["residual"])
-    scale = ckpt.get("residual_scale")
-    if residual and scale is None:
-        raise CheckpointError(f"checkpoint {path} was trained with train.residual but holds no residual_scale "
-                              "(written by an older version): retrain it with `python -m train fit`")
-    net = build_model(model_cfg, static).to(env.device)
-    net.load_state_dict(ckpt["model"])
-    net.eval()
-    log.info("evaluating %s (step %s) on the %s split", path, ckpt.get("step"), ecfg.split)
-
-    loader = ShardStream(cfg.data.shards, ecfg.split, cfg.train.eval_batch_size, mode="eval", rank=env.rank,
-                         world_size=env.world_size,
-                         num_workers=loader_workers(static, ecfg.split, env.world_size, cfg.train.num_workers))
-    targets, leads = list(static.targets), list(static.leads_h)
-    units = {v.name: v.units for v in cfg.data.variables}
-    acc = {src: {p: {lead: SkillAccumulator(exceedance_threshold(p, units[p])) for lead in leads} for p in targets}
-           for src in SOURCES}
-    t_mean = torch.as_tensor(static.target_mean, device=env.device).view(1, -1, 1, 1)
-    t_std = torch.as_tensor(static.target_std, device=env.device).view(1, -1, 1, 1)
-    channels = static.target_index
-    lat_w = latitude_weights(static.lat).numpy()[:, None]
-    map_lead = min(leads, key=lambda lead: abs(lead - ecfg.map_lead_h))
-    sample: dict[str, Any] = {}
-    n_batches = min(len(loader), ecfg.max_batches or len(loader))
-    with torch.no_grad():
-        for i, batch in enumerate(tqdm(loader, total=n_batches, desc="evaluate", disable=not (env.is_main and progress))):
-            if i >= n_batches:
-                break
-            batch = batch.to(env.device)
-            persistence = (batch.x[:, channels] * t_std + t_mean).cpu().numpy()
-            for li, lead in enumerate(leads):
-                with autocast(env, cfg.train.precision):
-                    norm = forward(net, batch, static, model_cfg.scan, scale, batch.lead_times[li].expand(batch.x.shape[0]))
-                pred = (norm.float() * t_std + t_mean).cpu().numpy()
-                truth = (batch.y[:, li] * t_std + t_mean).cpu().numpy()
-                mask = batch.mask[:, li].cpu().numpy()
-                for pi, name in enumerate(targets):
-                    for src, fc in (("model", pred), ("persistence", persistence)):
-                        acc[src][name][lead].update(fc[:, pi], truth[:, pi], mask[:, pi], lat_w)
-                if lead == map_lead and not sample and bool(batch.valid[0]):
-                    sample = {"pred": pred[0], "truth": truth[0], "mask": mask[0], "time": batch.times[0],
-                              "order": batch.order_for(model_cfg.scan)}
-                    sample["order"] = (np.arange(len(static.patch_elevation)) if sample["order"] is None
-                                       else sample["order"][0].cpu().numpy())
-
-    metrics: dict[str, Any] = {src: {} for src in SOURCES}
-    for src in SOURCES:
-        for name in targets:
-            metrics[src][name] = {}
-            for lead in leads:
-                a = acc[src][name][lead]
-                a.load_vector(all_reduce_sum(torch.as_tensor(a.as_vector(), device=env.device)).cpu().numpy())
-                metrics[src][name][str(lead)] = a.result()
-    metrics["units"] = {name: units[name] for name in targets}
+    ev = load(cfg, checkpoint, env)
+    map_lead = min(ev.ctx.shards.leads_h, key=lambda lead: abs(lead - cfg.evaluate.map_lead_h))
+    skill, sample = accumulate(ev, map_lead, progress and env.is_main)
+    metrics = metrics_of(skill, ev.ctx.shards.record.units, env.device)
+    out_dir = Path(output or cfg.evaluate.output or Path(cfg.train.run_dir) / "report")
     if not env.is_main:
         return out_dir / "report.md"
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(metrics, out_dir / "metrics.json")
-    figures = [
-        plot_maps(sample["pred"], sample["truth"], sample["mask"], static.lat, static.lon, targets, units,
-                  f"{sample['time']} + {map_lead} h", out_dir / f"maps_lead{map_lead}h.png"),
-        plot_rmse_by_lead(metrics, targets, out_dir / "rmse_by_lead.png"),
-    ]
-    alphas = {k: v.detach().cpu().numpy() for k, v in net.physics_alphas().items()}
-    if alphas:
-        figures.append(plot_alphas(alphas, out_dir / "alpha.png"))
-    gh, gw = static.grid[0] // static.patch_size, static.grid[1] // static.patch_size
-    figures.append(plot_scan_order(sample["order"], static.patch_elevation, (gh, gw), tuple(static.regions),
-                                   f"scan order ({model_cfg.scan}) at {sample['time']}", out_dir / "scan_order.png"))
-    info = {
-        "checkpoint": str(path),
-        "step": str(ckpt.get("step")),
-        "split": f"{ecfg.split} ({n_batches} batches of {cfg.train.eval_batch_size})",
-        "model": f"scan={model_cfg.scan}, physics={'on' if model_cfg.physics.enabled else 'off'}, residual={residual}",
-        "learned alpha": ", ".join(f"{k}={np.round(v, 3).tolist()}" for k, v in alphas.items()) or "n/a (physics off)",
-    }
-    report = out_dir / "report.md"
-    report.write_text(markdown_report(metrics, info, figures))
-    return report
+    return report(ev, metrics, sample, map_lead, out_dir, cfg.evaluate.split)

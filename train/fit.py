@@ -26,20 +26,20 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from model import load_pretrained
-from train.checkpoint import LAST, best_checkpoints, check_same_grid, load_checkpoint, rng_state, save_atomic, set_rng_state, update_best
+from topoflow.errors import ConfigError, TrainingError
+from train.batch import Batch
+from train.checkpoint import (LAST, best_checkpoints, check_data, load_checkpoint, rng_state, save_atomic,
+                              set_rng_state, update_best)
 from train.config import ExperimentConfig
-from train.data import Batch, ShardStream, Static, load_static
 from train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
-from train.loss import latitude_weights, weighted_mse, weighted_sq_sums
-from train.net import build_model, check_shards_match, zero_init_output
+from train.loader import ShardStream, loader_workers
+from train.net import build_model, check_shards
 from train.optim import build_optimizer, build_scheduler
-from train.residual import lead_scale, residual_scale
+from train.residual import zero_init_output
+from train.shards import load_shard_set
+from train.step import StepContext, training_loss, validate
 
 log = logging.getLogger("train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the batch keys."""
 
 
 @dataclass
@@ -66,63 +66,6 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
         for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(handler)
-
-
-def autocast(env: DistEnv, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA; CPU runs fp32 (CPU autocast is slower than fp32 there)."""
-    if env.device.type == "cuda" and precision != "fp32":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
-
-
-def forward(net: nn.Module, batch: Batch, static: Static, scan: str, scale: torch.Tensor | None,
-            lead_times: torch.Tensor | None = None) -> torch.Tensor:
-    """The model on one batch (normalised in and out), scan order chosen by the model config.
-
-    scale (n_leads, P) switches on residual forecasting (train.residual): the network predicts the
-    change from the input's target channels in units of `scale`, so with a zero head it is
-    persistence (targets share their input variable's statistics, so the sum is exact).
-    """
-    lead = batch.lead_times if lead_times is None else lead_times
-    out = net(batch.x, lead, static.variables, batch.order_for(scan), batch.wind_speed)
-    if scale is not None:
-        out = out * lead_scale(scale, static.leads_h, lead) + batch.x[:, static.target_index]
-    return out
-
-
-def training_loss(net: nn.Module, batch: Batch, static: Static, scan: str, scale: torch.Tensor | None,
-                  lat_w: torch.Tensor) -> torch.Tensor:
-    """The training objective of one batch: lat-weighted masked MSE, in change units when residual."""
-    change = None if scale is None else lead_scale(scale, static.leads_h, batch.lead_times)
-    preds = forward(net, batch, static, scan, scale)
-    return weighted_mse(preds, batch.y, batch.mask, lat_w, change)
-
-
-@torch.no_grad()
-def validate(net: nn.Module, loader: ShardStream, static: Static, cfg: ExperimentConfig, env: DistEnv,
-             lat_w: torch.Tensor, scale: torch.Tensor | None) -> float:
-    """Lat-weighted MSE over the whole val split and every lead, summed across ranks before dividing."""
-    net.eval()
-    loader.load_state_dict({**loader.state_dict(), "position": 0})  # from the first batch, even after a capped pass
-    sums = torch.zeros(2, dtype=torch.float64, device=env.device)
-    for i, batch in enumerate(loader):
-        if cfg.train.val_batches is not None and i >= cfg.train.val_batches:
-            break
-        batch = batch.to(env.device, non_blocking=True)
-        for li, lead in enumerate(batch.lead_times):
-            with autocast(env, cfg.train.precision):
-                preds = forward(net, batch, static, cfg.model.scan, scale, lead.expand(batch.x.shape[0]))
-            num, den = weighted_sq_sums(preds, batch.y[:, li], batch.mask[:, li], lat_w)
-            sums += torch.stack([num, den]).double()
-    net.train()
-    all_reduce_sum(sums)
-    return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
-
-
-def loader_workers(static: Static, split: str, world_size: int, wanted: int) -> int:
-    """Workers for a split, lowered so every (rank, worker) reader owns at least one shard."""
-    shards = len(static.manifest["splits"][split]["shards"])
-    return min(wanted, max(shards // world_size, 1)) if wanted else 0
 
 
 def _trainable_after_freeze(net: nn.Module, newly_initialised: list[str]) -> None:
@@ -191,44 +134,12 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, env: DistEnv, resume: bool, progress: bool) -> None:
         self.cfg, self.env, self.progress = cfg, env, progress
-        tcfg = cfg.train
-        self.run_dir = Path(tcfg.run_dir)
+        self.run_dir = Path(cfg.train.run_dir)
         setup_logging(self.run_dir, env.is_main)
-        self.static = load_static(cfg.data.shards)
-        check_shards_match(cfg.data, self.static)
-        workers = loader_workers(self.static, "train", env.world_size, tcfg.num_workers)
-        self.train_loader = ShardStream(cfg.data.shards, "train", tcfg.batch_size, mode="train", seed=tcfg.seed,
-                                        rank=env.rank, world_size=env.world_size, num_workers=workers,
-                                        shuffle_buffer=tcfg.shuffle_buffer, strict=tcfg.strict_data)
-        self.val_loader = ShardStream(cfg.data.shards, "val", tcfg.eval_batch_size, mode="eval", rank=env.rank,
-                                      world_size=env.world_size,
-                                      num_workers=loader_workers(self.static, "val", env.world_size, tcfg.num_workers),
-                                      strict=tcfg.strict_data)
-        self.steps_per_epoch = len(self.train_loader) // tcfg.accumulate
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"an epoch has {len(self.train_loader)} batches per rank, fewer than train.accumulate="
-                             f"{tcfg.accumulate}: lower accumulate or batch_size")
-        self.total_steps = tcfg.max_steps or tcfg.epochs * self.steps_per_epoch
-        self.lat_w = latitude_weights(self.static.lat).to(env.device)
-
-        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        self.net = build_model(cfg.model, self.static).to(env.device)
-        self.scale = residual_scale(self.static).to(env.device) if tcfg.residual else None
-        if tcfg.residual:
-            zero_init_output(self.net)
-        torch.manual_seed(tcfg.seed + 7919 * (env.rank + 1))  # per-rank stream for dropout / drop-path
-        last = self.run_dir / LAST
+        self._data()
+        ckpt = self._model(resume)
+        tcfg = cfg.train
         self.step, self.epoch, self.best = 0, 0, math.inf
-        ckpt = load_checkpoint(last) if resume else None
-        if resume and ckpt is not None:
-            check_same_grid(ckpt, cfg.data.model_dump(mode="json"), last)
-        if tcfg.init_from is not None and ckpt is None:
-            report = load_pretrained(self.net, tcfg.init_from)
-            log.info("init_from %s: %s", tcfg.init_from, report.summary())
-            if tcfg.freeze_backbone:
-                _trainable_after_freeze(self.net, list(report.missing))
-        elif tcfg.freeze_backbone and ckpt is not None:
-            _trainable_after_freeze(self.net, ckpt["trainable"])
         self.trainable = [n for n, p in self.net.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.net, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg, self.total_steps)
@@ -241,10 +152,50 @@ class Trainer:
         self.alpha_names = list(alpha_scalars(self.net))
         self.log = ScalarLog(self.run_dir, self.alpha_names, self.step if resume else None) if env.is_main else None
 
+    def _data(self) -> None:
+        """The shard set (checked against the config), its loaders and the step context."""
+        cfg, env, tcfg = self.cfg, self.env, self.cfg.train
+        self.shards = load_shard_set(cfg.data.shards)
+        check_shards(cfg.data, self.shards)
+
+        def stream(split: str, batch_size: int, mode: str) -> ShardStream:
+            return ShardStream(cfg.data.shards, split, batch_size, mode=mode, seed=tcfg.seed, rank=env.rank,
+                               world_size=env.world_size, shuffle_buffer=tcfg.shuffle_buffer, strict=tcfg.strict_data,
+                               num_workers=loader_workers(self.shards, split, env.world_size, tcfg.num_workers))
+
+        self.train_loader = stream("train", tcfg.batch_size, "train")
+        self.val_loader = stream("val", tcfg.eval_batch_size, "eval")
+        self.steps_per_epoch = len(self.train_loader) // tcfg.accumulate
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"an epoch has {len(self.train_loader)} batches per rank, fewer than train.accumulate="
+                              f"{tcfg.accumulate}: lower accumulate or batch_size")
+        self.total_steps = tcfg.max_steps or tcfg.epochs * self.steps_per_epoch
+
+    def _model(self, resume: bool) -> dict[str, Any] | None:
+        """The network (fresh, fine-tuned from init_from, or about to be restored) and the step context;
+        returns the checkpoint to restore, if any."""
+        cfg, env, tcfg = self.cfg, self.env, self.cfg.train
+        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        self.net = build_model(cfg.model, self.shards).to(env.device)
+        if tcfg.residual:
+            zero_init_output(self.net)
+        torch.manual_seed(tcfg.seed + 7919 * (env.rank + 1))  # per-rank stream for dropout / drop-path
+        ckpt = load_checkpoint(self.run_dir / LAST) if resume else None
+        if ckpt is not None:
+            check_data(ckpt, cfg.data, self.run_dir / LAST)
+        scale = ckpt.get("residual_scale") if ckpt is not None else None  # a resumed run keeps its numbers
+        self.ctx = StepContext.create(self.shards, cfg.model.scan, tcfg.residual, tcfg.precision, env.device, scale)
+        if tcfg.init_from is not None and ckpt is None:
+            report = load_pretrained(self.net, tcfg.init_from)
+            log.info("init_from %s: %s", tcfg.init_from, report.summary())
+            if tcfg.freeze_backbone:
+                _trainable_after_freeze(self.net, list(report.missing))
+        elif tcfg.freeze_backbone and ckpt is not None:
+            _trainable_after_freeze(self.net, ckpt["trainable"])
+        return ckpt
+
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.net.load_state_dict(ckpt["model"])
-        if ckpt.get("residual_scale") is not None:  # keep the numbers the run started with
-            self.scale = ckpt["residual_scale"].to(self.env.device)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -252,8 +203,8 @@ class Trainer:
         self.train_loader.load_state_dict(ckpt["loader"])
         states = ckpt["rng"]
         if len(states) != self.env.world_size:
-            raise ValueError(f"last.ckpt was written by {len(states)} process(es), this run has {self.env.world_size}: "
-                             "resume with the same number of processes")
+            raise ConfigError(f"last.ckpt was written by {len(states)} process(es), this run has {self.env.world_size}: "
+                              "resume with the same number of processes")
         set_rng_state(states[self.env.rank])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.run_dir / LAST, self.step, self.epoch,
                  self.train_loader.position)
@@ -269,8 +220,9 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "rng": _gather_rng(self.env),
             "config": self.cfg.model_dump(mode="json"),
+            "store_record": self.shards.record.model_dump(mode="json"),
             "trainable": self.trainable,
-            "residual_scale": None if self.scale is None else self.scale.cpu(),
+            "residual_scale": None if self.ctx.scale is None else self.ctx.scale.cpu(),
             "val_loss": math.nan if val_loss is None else val_loss,
             "best_val_loss": self.best,
         }
@@ -318,8 +270,7 @@ class Trainer:
             sync = micro % tcfg.accumulate == 0
             no_sync = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
             with no_sync:
-                with autocast(env, tcfg.precision):  # the loss itself runs in float32 (weighted_sq_sums)
-                    loss = training_loss(self.model, batch, self.static, self.cfg.model.scan, self.scale, self.lat_w)
+                loss = training_loss(self.model, batch, self.ctx)
                 self.scaler.scale(loss / tcfg.accumulate).backward()
             value = loss.detach().double()
             if not torch.isfinite(value):
@@ -340,7 +291,7 @@ class Trainer:
             epoch_end = self.step % self.steps_per_epoch == 0
             if (tcfg.val_every and self.step % tcfg.val_every == 0) or (not tcfg.val_every and epoch_end) \
                     or self.step == self.total_steps:
-                val_loss = validate(self.net, self.val_loader, self.static, self.cfg, env, self.lat_w, self.scale)
+                val_loss = validate(self.net, self.val_loader, self.ctx, tcfg.val_batches)
                 self.best = min(self.best, val_loss) if math.isfinite(val_loss) else self.best
                 bar.set_postfix(val_loss=f"{val_loss:.4f}")
                 if self.log:
@@ -361,7 +312,7 @@ class Trainer:
         all_reduce_sum(stats)
         if stats[2] > 0:
             where = f"batch keys {bad_keys}" if bad_keys else "on another rank (its log names the keys)"
-            raise NonFiniteLossError(
+            raise TrainingError(
                 f"non-finite loss at optimiser step {self.step + 1}: {where}. Check those samples "
                 "(`python -m pipeline inspect SHARDS`), lower train.lr or raise train.warmup_steps")
         self.scaler.unscale_(self.optimizer)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from topoflow.errors import TrainingError
+
 
 def latitude_weights(lat_deg: np.ndarray | torch.Tensor) -> torch.Tensor:
     """cos(lat) normalised to mean 1 over the grid's latitudes, shape (H,)."""
@@ -44,5 +46,5 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
     """
     num, den = weighted_sq_sums(pred, target, mask, lat_w, scale)
     if den <= 0:
-        raise ValueError("the batch has no valid target cell (all NaN or off the loss mask): check the shards and loss mask")
+        raise TrainingError("the batch has no valid target cell (all NaN or off the loss mask): check the shards and loss mask")
     return num / den

@@ -2,7 +2,7 @@
 
 The file has exactly the layout `pipeline build` reads for any real ERA5/CAMS-style source: dims
 (time, latitude DESCENDING, longitude), the config's source names and units, static fields without
-a time dim, CF attributes. Data are simulated by `pipeline.simulate` on pvlib's terrain and
+a time dim, CF attributes. Data are simulated by `pipeline.sample.simulate` on pvlib's terrain and
 streamed to disk in time blocks, so a year of the 128x256 grid never sits in memory. The file is
 written under a temporary name and renamed when complete; a fingerprint of the config parts that
 shape the data is stored in its attrs, so an up-to-date file is not regenerated.
@@ -23,16 +23,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import PipelineConfig, add_override_argument, load_pipeline_config
-from pipeline import simulate, terrain
-from pipeline.simulate import Grid, Simulation, make_surface
-from pipeline.terrain import regrid_elevation
+from pipeline.config import PipelineConfig, SampleConfig, load_pipeline_config
+from pipeline.sample import simulate, terrain
+from pipeline.sample.simulate import Grid, Simulation, make_surface
+from pipeline.sample.terrain import regrid_elevation
+from topoflow.config import add_override_argument
+from topoflow.errors import ConfigError
 
 SPINUP_DAYS = 10  # simulated before the first time step so the first fields are not clean air
 FINGERPRINT_ATTR = "sample_fingerprint"
 
 
-class SampleError(ValueError):
+class SampleError(ConfigError):
     """The sample cannot be written as asked; the message says why and what to do."""
 
 
@@ -54,6 +56,13 @@ CONVERSIONS = {  # (canonical, declared) -> (scale, offset): declared = canonica
 }
 
 
+def _sample_config(cfg: PipelineConfig) -> SampleConfig:
+    if cfg.data.sample is None:
+        raise SampleError("the config has no data.sample section: add `sample: {seed: 0}` under data to write the "
+                          "embedded sample, or point data.raw at your own source and run `python -m pipeline build`")
+    return cfg.data.sample
+
+
 def _generator_hash() -> str:
     """Hash of the generator's code, so a changed simulation is never mistaken for an up-to-date file."""
     h = hashlib.sha256()
@@ -68,7 +77,9 @@ def fingerprint(cfg: PipelineConfig) -> str:
     parts = {
         "generator": _generator_hash(),
         "domain": d.domain.model_dump(mode="json"),
-        "sample": d.sample.model_dump(mode="json"),
+        "sample": _sample_config(cfg).model_dump(mode="json"),
+        "period": d.period.model_dump(mode="json"),
+        "step_hours": d.step_hours,
         "variables": [v.model_dump(mode="json") for v in d.variables],
         "static": d.static.model_dump(mode="json"),
     }
@@ -79,7 +90,7 @@ def _unit_transform(name: str, units: str) -> tuple[float, float]:
     """(scale, offset) from the simulation's units to the declared ones, or a clear error."""
     canonical = CANONICAL_UNITS.get(name)
     if canonical is None:
-        raise ValueError(
+        raise SampleError(
             f"variable {name!r}: `pipeline sample` cannot simulate it (it simulates {sorted(CANONICAL_UNITS)}); "
             "remove it from data.variables or point data.raw at a real source that has it"
         )
@@ -129,9 +140,9 @@ def _create_layout(f: h5netcdf.File, cfg: PipelineConfig, times: pd.DatetimeInde
     f.attrs.update(
         Conventions="CF-1.8",
         title="TopoFlow embedded sample: simulated surface meteorology and air quality on real terrain",
-        source="pipeline.sample (pipeline/simulate.py) on pvlib Altitude.h5 terrain (Mapzen/tilezen)",
-        seed=d.sample.seed,
-        step_hours=d.sample.step_hours,
+        source="pipeline.sample (pipeline/sample/simulate.py) on pvlib Altitude.h5 terrain (Mapzen/tilezen)",
+        seed=_sample_config(cfg).seed,
+        step_hours=d.step_hours,
         **{FINGERPRINT_ATTR: fp},
     )
 
@@ -189,14 +200,15 @@ def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool
         print(f"sample {path} was made from another config or generator (fingerprint {old} -> {fp}); regenerating")
     dynamic = [s for s in d.variables if s.kind == "dynamic"]
     transforms = {s.source: _unit_transform(s.name, s.units) for s in dynamic}
-    times = pd.date_range(d.sample.period.start, d.sample.period.end, freq=f"{d.sample.step_hours}h")
+    times = d.times()
+    seed = _sample_config(cfg).seed
     grid = Grid.from_domain(d.domain)
     ground = regrid_elevation(d.domain)
-    surface = make_surface(grid, ground.elevation, ground.land_fraction, d.sample.seed)
+    surface = make_surface(grid, ground.elevation, ground.land_fraction, seed)
     statics = _static_fields(cfg, ground.elevation, ground.land_sea_mask, surface.population)
     origin = times[0] - pd.Timedelta(days=SPINUP_DAYS)
     hours = int((times[-1] - origin) / pd.Timedelta(hours=1)) + 1
-    sim = Simulation(grid, surface, origin, hours, d.sample.seed)
+    sim = Simulation(grid, surface, origin, hours, seed)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -227,7 +239,7 @@ def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (section data is used)")
-    add_override_argument(parser, "data.sample.step_hours=1")
+    add_override_argument(parser, "data.step_hours=1")
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if the file is up to date or foreign")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 

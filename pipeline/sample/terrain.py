@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from pipeline.config import DomainConfig
+from topoflow.errors import ConfigError, SourceError
 
 CELLS_PER_DEGREE = 12
 NO_DATA = 255
@@ -43,7 +44,7 @@ def altitude_file() -> Path:
 
     path = Path(pvlib.__file__).parent / "data" / "Altitude.h5"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise SourceError(
             f"{path} is missing: the sample needs pvlib's bundled elevation map; reinstall pvlib (pip install pvlib)"
         )
     return path
@@ -62,7 +63,7 @@ def _overlap(edges: np.ndarray, n_src: int, periodic: bool) -> tuple[np.ndarray,
     if periodic:
         idx = idx % n_src
     elif lo < 0 or hi > n_src:
-        raise ValueError(f"domain reaches outside the elevation map (source rows {lo}..{hi}): keep latitudes in -90..90")
+        raise ConfigError(f"domain reaches outside the elevation map (source rows {lo}..{hi}): keep latitudes in -90..90")
     return weights, idx
 
 

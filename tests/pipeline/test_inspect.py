@@ -60,8 +60,10 @@ def test_order_disagreeing_with_sectors_fails(damaged, capsys):
 @pytest.mark.parametrize(
     ("array", "value", "message"),
     [
-        ("fields", np.nan, "fields holds NaN/inf"),
-        ("wind_speed", np.inf, "wind_speed holds NaN/inf"),
+        ("fields", np.nan, "fields hold NaN/inf on valid steps"),
+        ("static", np.inf, "static holds NaN/inf"),
+        ("static_std", 0.0, "static_std is zero for ['elevation']"),
+        ("wind_speed", np.inf, "wind_speed holds NaN/inf on valid steps"),
         ("stats_std", np.nan, "stats_mean/stats_std missing or not finite"),
         ("stats_std", 0.0, "stats_std is zero for"),
         ("region_sector", 16, "region_sector outside -1..15"),
@@ -94,4 +96,4 @@ def test_missing_array_and_wrong_dtype_fail(damaged, capsys):
 
 def test_not_a_store_fails(tmp_path, capsys):
     assert run_inspect(str(tmp_path)) == 1
-    assert "not a readable feature store" in capsys.readouterr().out
+    assert "not a readable Zarr group" in capsys.readouterr().out

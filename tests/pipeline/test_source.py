@@ -1,4 +1,5 @@
-"""Every bad input of issue 2 item 6: a clear error naming the variable/file and the fix, no finished store."""
+"""Bad sources get a clear error naming the variable/file and the fix, and leave no finished store;
+gaps in a source become `valid` False, never silently filled."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import xarray as xr
 import zarr
 
-from conftest import tiny_raw_config, write_config
 from pipeline.build import build_features
-from pipeline.config import ConfigError, PipelineConfig, load_pipeline_config
-from pipeline.source import SourceError, open_source
-from pipeline.store import partial_path
+from pipeline.config import PipelineConfig, load_pipeline_config
+from pipeline.source import describe_source, read_block
+from pipeline.store import open_features, partial_path, read_record
+from tests.helpers import tiny_raw_config, write_config
+from topoflow.errors import ConfigError, SourceError
 
 
 def corrupt(cfg: PipelineConfig, source: xr.Dataset, change) -> None:  # noqa: ANN001 - change edits a Dataset
@@ -39,13 +41,13 @@ def test_wrong_dims_named(tiny_config, tiny_source):
         ds["sp"] = ds["sp"].expand_dims(level=[1000])
     corrupt(tiny_config, tiny_source, add_level)
     with pytest.raises(SourceError, match=r"'psfc'.*'sp'.*dims.*level.*expected \('time', 'latitude', 'longitude'\)"):
-        open_source(tiny_config)
+        describe_source(tiny_config)
 
 
 def test_missing_time_dim_named(tiny_config, tiny_source):
     corrupt(tiny_config, tiny_source, lambda ds: ds.isel(time=0, drop=True))
     with pytest.raises(SourceError, match=r"no 'time' dim.*rename"):
-        open_source(tiny_config)
+        describe_source(tiny_config)
 
 
 def test_units_differing_from_config(tiny_config, tiny_source):
@@ -53,13 +55,13 @@ def test_units_differing_from_config(tiny_config, tiny_source):
         ds["sp"].attrs["units"] = "hPa"
     corrupt(tiny_config, tiny_source, hpa)
     with pytest.raises(SourceError, match=r"'psfc'.*declared.*'Pa'.*found 'hPa'.*convert"):
-        open_source(tiny_config)
+        describe_source(tiny_config)
 
 
 def test_grid_not_matching_domain(tiny_config, tiny_source):
     tiny_config.data.domain.lat_south = 31.0
     with pytest.raises(SourceError, match=r"does not match data.domain.*lat_south=30"):
-        open_source(tiny_config)
+        describe_source(tiny_config)
 
 
 def test_grid_not_divisible_by_patch_times_regions(tmp_path):
@@ -84,7 +86,7 @@ def test_nan_in_dynamic_field_names_variable_and_first_time(tmp_path, tiny_sourc
     with pytest.raises(SourceError, match=r"'no2' contains NaN.*first at time 2018-01-03 12:00"):
         build_features(cfg, progress=False)
     assert_nothing_finished(cfg)
-    assert zarr.open_group(str(partial_path(cfg.data.store))).attrs["build_state"] == "building"
+    assert read_record(partial_path(cfg.data.store)).build_state == "building"
 
 
 def test_nan_in_static_field(tiny_config, tiny_source):
@@ -92,7 +94,7 @@ def test_nan_in_static_field(tiny_config, tiny_source):
         ds["orography"][0, 0] = np.nan
     corrupt(tiny_config, tiny_source, hole)
     with pytest.raises(SourceError, match=r"static variable 'elevation' contains NaN"):
-        open_source(tiny_config)
+        describe_source(tiny_config)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -107,23 +109,44 @@ def test_unreadable_file_named(tiny_config, tiny_source, damage):
 
 def test_missing_file_named(tiny_config):
     with pytest.raises(SourceError, match=rf"{tiny_config.data.raw} does not exist.*pipeline sample"):
-        open_source(tiny_config)
+        describe_source(tiny_config)
 
 
-def test_irregular_time_step(tiny_config, tiny_source):
-    corrupt(tiny_config, tiny_source, lambda ds: ds.isel(time=[0, 1, 3, 4]))
-    with pytest.raises(SourceError, match=r"time steps.*step_hours=3"):
-        open_source(tiny_config)
+def test_time_step_off_the_store_step(tiny_config, tiny_source):
+    corrupt(tiny_config, tiny_source, lambda ds: ds.assign_coords(time=ds.time + np.timedelta64(1, "h") *
+                                                                  (np.arange(ds.sizes["time"]) % 2)))
+    with pytest.raises(SourceError, match=r"time steps.*not multiples of data.step_hours=3"):
+        describe_source(tiny_config)
+
+
+def test_missing_times_are_gaps_marked_invalid_never_filled(tmp_path, tiny_source):
+    raw = tiny_raw_config(tmp_path)
+    raw["build"].update(processes=False)
+    cfg = load_pipeline_config(write_config(raw, tmp_path / "tiny.yaml"))
+    corrupt(cfg, tiny_source, lambda ds: ds.drop_isel(time=[5, 6, 30]))
+    build_features(cfg, progress=False)
+    ds, record = open_features(cfg.data.store)
+    assert ds.sizes["time"] == 48 and np.flatnonzero(~ds["valid"].values).tolist() == [5, 6, 30]
+    assert record.missing_times == ["2018-01-01T15:00:00", "2018-01-01T18:00:00", "2018-01-04T18:00:00"]
+    assert np.isnan(ds["fields"].values[[5, 6, 30]]).all()
+    assert np.isfinite(np.delete(ds["fields"].values, [5, 6, 30], axis=0)).all()
+    train = np.delete(tiny_source["u10"].values[:24], [5, 6], axis=0).astype(np.float64)  # stats skip the gaps
+    assert float(ds["stats_mean"].sel(var="u")) == pytest.approx(train.mean(), rel=1e-9)
+    assert (ds["region_sector"].values[[5, 6, 30]] == -1).all()  # gaps scan in raster order, no NaN sectors
 
 
 def test_missing_loss_mask(tiny_config, tiny_source):
     corrupt(tiny_config, tiny_source, lambda ds: ds.drop_vars("lsm"))
     with pytest.raises(SourceError, match=r"loss mask 'lsm'.*loss_mask: null"):
-        open_source(tiny_config)
+        describe_source(tiny_config)
 
 
-def test_valid_source_opens_ascending_with_model_names(tiny_config, tiny_source):
-    with open_source(tiny_config) as src:
-        assert (np.diff(src["lat"].values) > 0).all()
-        np.testing.assert_array_equal(src["temp"].values, tiny_source["t2m"].values[:, ::-1])
-        assert src["temp"].dims == ("time", "lat", "lon")
+def test_blocks_read_latitude_ascending_in_the_configs_variable_order(tiny_config, tiny_source):
+    found = describe_source(tiny_config)
+    np.testing.assert_array_equal(found.static[0], tiny_source["orography"].values[::-1])
+    assert [v.name for v in found.variables] == tiny_config.data.variable_names
+    times = tiny_config.data.times().values[4:9]
+    fields, valid = read_block(tiny_config, times)
+    assert valid.all() and fields.shape == (5, 11, 8, 16)
+    temp = tiny_config.data.dynamic_names.index("temp")
+    np.testing.assert_array_equal(fields[:, temp], tiny_source["t2m"].values[4:9, ::-1])

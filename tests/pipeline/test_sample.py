@@ -12,13 +12,14 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_raw_config, write_config, write_synthetic_source
 from pipeline.__main__ import main
 from pipeline.config import DomainConfig, load_pipeline_config
-from pipeline.sample import SampleError, write_sample
-from pipeline.simulate import Grid, barometric_pressure, deflect_by_terrain, saturation_vapour_pressure, transport
-from pipeline.source import open_source
-from pipeline.terrain import altitude_file, regrid_elevation
+from pipeline.sample.simulate import (Grid, barometric_pressure, deflect_by_terrain, saturation_vapour_pressure,
+                                      transport)
+from pipeline.sample.terrain import altitude_file, regrid_elevation
+from pipeline.sample.write import SampleError, write_sample
+from pipeline.source import describe_source
+from tests.helpers import tiny_raw_config, write_config, write_synthetic_source
 
 DEMO = DomainConfig(lat_south=15.0, lon_west=70.0, resolution=1.0, n_lat=32, n_lon=64)
 
@@ -52,7 +53,7 @@ def demo_winter(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
     raw = tiny_raw_config(root)
     raw["data"]["domain"] = DEMO.model_dump()
     raw["data"]["regions"] = [4, 8]
-    raw["data"]["sample"] = {"period": {"start": "2018-01-10T00:00", "end": "2018-01-19T18:00"}, "step_hours": 6, "seed": 0}
+    raw["data"]["sample"], raw["data"]["step_hours"] = {"seed": 0}, 6
     raw["data"]["leads_h"] = [6, 12]
     raw["data"]["splits"] = {"train": {"start": "2018-01-10T00:00", "end": "2018-01-19T18:00"}}
     cfg = load_pipeline_config(write_config(raw, root / "demo.yaml"))
@@ -109,8 +110,8 @@ def test_layout_matches_what_the_build_reads(tiny_sample, tmp_path):
     for spec in tiny_sample.data.variables:  # units exactly as the config declares
         if spec.source:
             assert ds[spec.source].attrs["units"] == spec.units
-    src = open_source(tiny_sample)  # the build's own validation accepts it
-    assert (np.diff(src.lat) > 0).all()
+    found = describe_source(tiny_sample)  # the build's own validation accepts it
+    assert found.missing_times == [] and found.loss_mask.dtype == bool
 
 
 def test_deterministic_and_seeded(tiny_sample, tmp_path):
@@ -246,3 +247,12 @@ def test_strong_wind_crosses_ridges_more_easily():
     lee_weak, lee_strong = weak[0, :, 36:].sum(), strong[0, :, 36:].sum()
     assert lee_strong > 2 * lee_weak
     assert lee_strong < 0.5 * start.sum()  # still a barrier
+
+
+def test_a_config_without_a_sample_section_is_told_how_to_add_one(tmp_path, capsys):
+    raw = tiny_raw_config(tmp_path)
+    del raw["data"]["sample"]
+    config = write_config(raw, tmp_path / "tiny.yaml")
+    assert main(["sample", "--config", str(config), "--no-progress"]) == 2
+    assert "no data.sample section: add `sample: {seed: 0}`" in capsys.readouterr().err
+    assert not (tmp_path / "raw.nc").exists()

@@ -15,16 +15,13 @@ import xarray as xr
 import zarr
 
 from pipeline.__main__ import main as pipeline_main
-from pipeline.change_stats import change_std
+from pipeline.codec import SAMPLE_MEMBERS, STATIC_MEMBERS
 from pipeline.config import PipelineConfig
-from pipeline.shard import TAR_MTIME, TAR_OWNER, write_shards
-from pipeline.shardset import (
-    SAMPLE_MEMBERS,
-    STATIC_ARRAYS,
-    read_manifest,
-    summarize_shard_set,
-    validate_shard_set,
-)
+from pipeline.shard import INPUT_MISSING, TAR_MTIME, TAR_OWNER, write_shards
+from pipeline.shardset import read_manifest, summarize_shard_set, validate_shard_set
+from pipeline.store import open_features
+from topoflow.errors import StoreError
+from topoflow.files import sha256_file
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -48,10 +45,10 @@ def with_shards_dir(cfg: PipelineConfig, path: Path, **shard: int) -> PipelineCo
 
 def test_round_trip_equals_store(tiny_store: PipelineConfig, tiny_shards: Path) -> None:
     """Every sample equals the store: inputs, targets at t+lead inside the split (NaN past it), orders."""
-    ds = xr.open_zarr(tiny_store.data.store)
+    ds, record = open_features(tiny_store.data.store)
     data = tiny_store.data
     manifest = read_manifest(tiny_shards)
-    tvars = [data.variable_names.index(t) for t in data.targets]
+    tvars = record.target_index
     fields = ds.fields.values
     times = ds.time.values
     n_nan_targets = 0
@@ -59,15 +56,15 @@ def test_round_trip_equals_store(tiny_store: PipelineConfig, tiny_shards: Path) 
         in_split = np.nonzero((times >= np.datetime64(period.start)) & (times <= np.datetime64(period.end)))[0]
         position_of = {times[i]: p for p, i in enumerate(in_split)}
         seen = []
-        for shard in manifest["splits"][split]["shards"]:
-            samples = read_tar(tiny_shards / shard["name"])
-            assert len(samples) == shard["count"]
+        for shard in manifest.splits[split].shards:
+            samples = read_tar(tiny_shards / shard.name)
+            assert len(samples) == shard.count
             for key, members in samples.items():
                 assert "." not in key and key.startswith(f"{split}_")
                 assert set(members) == set(SAMPLE_MEMBERS)
                 p = int(key.split("_")[1])
                 t = in_split[p]
-                np.testing.assert_array_equal(npy(members["input.npy"]), fields[t])
+                np.testing.assert_array_equal(npy(members["input.npy"]), fields[t])  # dynamic channels only
                 target = npy(members["target.npy"])
                 assert target.shape == (len(data.leads_h), len(tvars), *fields.shape[2:])
                 for lead, hours in enumerate(data.leads_h):
@@ -84,59 +81,33 @@ def test_round_trip_equals_store(tiny_store: PipelineConfig, tiny_shards: Path) 
                 meta = json.loads(members["meta.json"])
                 assert np.datetime64(meta["time"]) == times[t] and meta["leads_h"] == data.leads_h
                 seen.append(p)
-        assert sorted(seen) == list(range(len(in_split)))  # nothing dropped: the tiny source has no NaN
+        assert sorted(seen) == list(range(len(in_split)))  # nothing skipped: the tiny source has no gap
     assert n_nan_targets > 0  # the end of every split runs past its data
 
 
-def test_manifest_and_static_arrays(tiny_store: PipelineConfig, tiny_shards: Path) -> None:
-    ds = xr.open_zarr(tiny_store.data.store)
+def test_manifest_copies_the_store_record_and_statics(tiny_store: PipelineConfig, tiny_shards: Path) -> None:
+    ds, record = open_features(tiny_store.data.store)
     manifest = read_manifest(tiny_shards)
-    assert manifest["complete"] and manifest["variables"] == tiny_store.data.variable_names
-    assert manifest["grid"] == [8, 16] and manifest["n_tokens"] == 32 and manifest["leads_h"] == [3, 6, 12]
-    np.testing.assert_array_equal(manifest["stats"]["mean"], ds.stats_mean.values)
-    train = manifest["splits"]["train"]
-    assert [s["count"] for s in train["shards"]] == [4] * 6  # shard.max_count = 4
-    assert [(s["start"], s["stop"]) for s in train["shards"]] == [(4 * i, 4 * i + 4) for i in range(6)]
-    for name in STATIC_ARRAYS:
-        arr = np.load(tiny_shards / f"{name}.npy", allow_pickle=False)
-        source = {"lat": ds.lat, "lon": ds.lon}.get(name, ds.get(name))
-        np.testing.assert_array_equal(arr, source.values)
+    assert manifest.complete and manifest.store == record  # copied, never re-derived from the config
+    assert manifest.store.layout.n_tokens == 32 and manifest.members == list(SAMPLE_MEMBERS)
+    np.testing.assert_array_equal(manifest.statistics.mean, ds.stats_mean.values)
+    np.testing.assert_array_equal(manifest.statistics.static_std, ds.static_std.values)
+    train = manifest.splits["train"]
+    assert [s.count for s in train.shards] == [4] * 6  # shard.max_count = 4
+    assert [(s.start, s.stop) for s in train.shards] == [(4 * i, 4 * i + 4) for i in range(6)]
+    assert sorted(p.name for p in tiny_shards.glob("*.npy")) == sorted(STATIC_MEMBERS)
+    for member in STATIC_MEMBERS:
+        name = member.removesuffix(".npy")
+        arr = np.load(tiny_shards / member, allow_pickle=False)
+        np.testing.assert_array_equal(arr, ds[name].values)
+        assert manifest.static[name].sha256 == sha256_file(tiny_shards / member)
     assert validate_shard_set(tiny_shards) == []
     text = summarize_shard_set(tiny_shards)
-    assert "train: 24 samples in 6 shards" in text and "0 dropped" in text
-
-
-def test_change_std_matches_numpy_on_the_train_split(tiny_store: PipelineConfig, tiny_shards: Path) -> None:
-    """Per-lead spread of each target's change, over (t, t + lead) pairs inside the train split only."""
-    data = tiny_store.data
-    ds = xr.open_zarr(data.store)
-    train = ds.sel(time=slice(data.splits["train"].start, data.splits["train"].end))
-    tvars = [data.variable_names.index(t) for t in data.targets]
-    fields = train.fields.values[:, tvars].astype(np.float64)
-    step = 3  # hours between the tiny store's time steps
-    stats = read_manifest(tiny_shards)["stats"]
-    for row, (lead, pairs) in enumerate(zip(data.leads_h, stats["change_pairs"])):
-        k = lead // step
-        expected = (fields[k:] - fields[:-k]).std(axis=(0, 2, 3))
-        assert pairs == len(fields) - k
-        np.testing.assert_allclose(stats["change_std"][row], expected, rtol=1e-6)
-
-
-def test_change_std_samples_runs_of_steps_and_marks_leads_longer_than_the_split(tiny_store: PipelineConfig) -> None:
-    ds = xr.open_zarr(tiny_store.data.store)  # 3-hourly, time chunks of 8 steps
-    train = np.arange(40)
-    std, pairs = change_std(ds.fields, train, [0, 2], [6, 48, 120], max_inputs=16)
-    inputs = np.r_[0:8, 32:40]  # two runs of one chunk, evenly spread
-    values = ds.fields.values[:, [0, 2]].astype(np.float64)
-    for row, steps in enumerate((2, 16)):
-        kept = inputs[inputs + steps < 40]
-        np.testing.assert_allclose(std[row], (values[kept + steps] - values[kept]).std(axis=(0, 2, 3)), rtol=1e-6)
-        assert pairs[row] == len(kept)
-    assert pairs[2] == 0 and np.isnan(std[2]).all()
+    assert "train: 24 samples in 6 shards" in text and "skipped: none" in text
 
 
 def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfig, tiny_shards: Path,
-                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       tmp_path: Path) -> None:
     cfg = with_shards_dir(tiny_store, tmp_path / "again")
     write_shards(cfg, progress=False)
     names = sorted(p.name for p in tiny_shards.glob("*.tar"))
@@ -146,10 +117,7 @@ def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfi
     with tarfile.open(tiny_shards / names[0]) as tar:  # headers carry nothing run-specific
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar} == {
             (TAR_MTIME, 0, 0, TAR_OWNER, TAR_OWNER, 0o444)}
-    # a rerun leaves good shards untouched and rewrites a damaged one (and the ones after it) identically,
-    # keeping the statistics of the same plan instead of reading the store for them again
-    stats = read_manifest(tmp_path / "again")["stats"]
-    monkeypatch.setattr("pipeline.shard.change_std", lambda *a, **k: pytest.fail("statistics recomputed"))
+    # a rerun leaves good shards untouched and rewrites a damaged one (and the ones after it) identically
     shards = tmp_path / "again"
     before = {name: (shards / name).stat().st_mtime_ns for name in names}
     good = (shards / "train-000001.tar").read_bytes()
@@ -159,7 +127,6 @@ def test_rerun_is_byte_identical_and_skips_good_shards(tiny_store: PipelineConfi
     assert (shards / "train-000000.tar").stat().st_mtime_ns == before["train-000000.tar"]
     assert (shards / "val-000000.tar").stat().st_mtime_ns == before["val-000000.tar"]
     assert validate_shard_set(shards) == []
-    assert read_manifest(shards)["stats"] == stats
 
 
 def test_interrupted_run_resumes(tiny_store: PipelineConfig, tmp_path: Path) -> None:
@@ -178,31 +145,31 @@ def test_interrupted_run_resumes(tiny_store: PipelineConfig, tmp_path: Path) -> 
     write_shards(cfg, progress=False)
     assert (tmp_path / "s" / "train-000001.tar").stat().st_mtime_ns == kept
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").glob("*.tar")} == full
-    assert read_manifest(tmp_path / "s")["complete"]
+    assert read_manifest(tmp_path / "s").complete
 
 
-def test_nan_inputs_are_dropped_and_counted(tiny_store: PipelineConfig, tmp_path: Path) -> None:
+def test_missing_input_times_are_skipped_and_counted(tiny_store: PipelineConfig, tmp_path: Path) -> None:
     store = tmp_path / "features.zarr"
     shutil.copytree(tiny_store.data.store, store)
-    fields = zarr.open_group(str(store), mode="r+")["fields"]
-    fields[5, 2, 3, 4] = np.nan  # train position 5
-    fields[30, 0, 0, 0] = np.nan  # val position 6 (val starts at step 24)
+    valid = zarr.open_group(str(store), mode="r+")["valid"]
+    valid[5] = False  # train position 5
+    valid[30] = False  # val position 6 (val starts at step 24)
     cfg = with_shards_dir(tiny_store, tmp_path / "s")
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": store})})
     write_shards(cfg, progress=False)
     manifest = read_manifest(tmp_path / "s")
-    assert manifest["splits"]["train"]["dropped"] == ["train_00000005"]
-    assert manifest["splits"]["val"]["dropped"] == ["val_00000006"]
-    keys = [k for s in manifest["splits"]["train"]["shards"] for k in read_tar(tmp_path / "s" / s["name"])]
+    assert manifest.splits["train"].skipped == {INPUT_MISSING: ["train_00000005"]}
+    assert manifest.splits["val"].skipped == {INPUT_MISSING: ["val_00000006"]}
+    keys = [k for s in manifest.splits["train"].shards for k in read_tar(tmp_path / "s" / s.name)]
     assert len(keys) == 23 and "train_00000005" not in keys
     assert validate_shard_set(tmp_path / "s") == []
-    assert "1 dropped" in summarize_shard_set(tmp_path / "s")
+    assert f"1 {INPUT_MISSING}" in summarize_shard_set(tmp_path / "s")
 
 
 def test_max_size_limits_shard_bytes(tiny_store: PipelineConfig, tmp_path: Path) -> None:
     cfg = with_shards_dir(tiny_store, tmp_path / "s", max_count=1000, max_size=3 * 30_000)
     write_shards(cfg, progress=False)
-    counts = [s["count"] for s in read_manifest(tmp_path / "s")["splits"]["train"]["shards"]]
+    counts = [s.count for s in read_manifest(tmp_path / "s").splits["train"].shards]
     assert sum(counts) == 24 and max(counts) < 24 and len(counts) > 2
 
 
@@ -213,7 +180,7 @@ def _plant(shards: Path, name: str, member: str, payload: bytes) -> None:
         tar.addfile(info, io.BytesIO(payload))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "pickle", "static"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "pickle", "static", "schema"])
 def test_validate_finds_damage(tiny_shards: Path, tmp_path: Path, damage: str) -> None:
     shards = tmp_path / "s"
     shutil.copytree(tiny_shards, shards)
@@ -226,25 +193,50 @@ def test_validate_finds_damage(tiny_shards: Path, tmp_path: Path, damage: str) -
         tar.write_bytes(tar.read_bytes()[:5000])
     elif damage == "pickle":
         _plant(shards, tar.name, "val_00000004.evil.pyd", b"\x80\x04N.")
-    else:
+    elif damage == "static":
         (shards / "loss_mask.npy").unlink()
+    else:
+        manifest = json.loads((shards / "manifest.json").read_text())
+        (shards / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
     problems = validate_shard_set(shards)
-    expected = {"flip": "sha256", "truncate": "bytes on disk", "pickle": "sha256", "static": "loss_mask"}
+    expected = {"flip": "sha256", "truncate": "bytes on disk", "pickle": "sha256", "static": "loss_mask",
+                "schema": "schema version 2, this code reads 3: rebuild the store"}
     assert len(problems) == 1 and expected[damage] in problems[0], problems
 
 
-def test_validate_refuses_planted_member_even_with_a_matching_manifest(tiny_shards: Path, tmp_path: Path) -> None:
-    from pipeline.shardset import sha256_file
+def _rehash(shards: Path, name: str) -> None:
+    """Make the manifest agree with a tampered shard, as an attacker who rewrites both would."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = next(s for r in manifest["splits"].values() for s in r["shards"] if s["name"] == name)
+    entry["bytes"], entry["sha256"] = (shards / name).stat().st_size, sha256_file(shards / name)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
 
+
+def test_validate_refuses_planted_member_even_with_a_matching_manifest(tiny_shards: Path, tmp_path: Path) -> None:
     shards = tmp_path / "s"
     shutil.copytree(tiny_shards, shards)
     _plant(shards, "val-000001.tar", "val_00000004.evil.pyd", b"\x80\x04N.")
-    manifest = json.loads((shards / "manifest.json").read_text())
-    entry = next(s for s in manifest["splits"]["val"]["shards"] if s["name"] == "val-000001.tar")
-    entry["bytes"], entry["sha256"] = (shards / entry["name"]).stat().st_size, sha256_file(shards / entry["name"])
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    _rehash(shards, "val-000001.tar")
     problems = validate_shard_set(shards)
-    assert any("evil.pyd" in p and "not allowed" in p for p in problems), problems
+    assert any("lack or add members" in p for p in problems), problems
+
+
+def test_validate_decodes_a_sample_so_a_pickled_array_fails_naming_the_shard(tiny_shards: Path, tmp_path: Path) -> None:
+    """An object-dtype input.npy (unpickling would run code) with a matching hash: inspect fails, naming it."""
+    shards = tmp_path / "s"
+    shutil.copytree(tiny_shards, shards)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with tarfile.open(tiny_shards / "test-000000.tar") as src, tarfile.open(shards / "test-000000.tar", "w") as dst:
+        for info in src:
+            data = src.extractfile(info).read()
+            if info.name == "test_00000000.input.npy":
+                data, info.size = buffer.getvalue(), len(buffer.getvalue())
+            dst.addfile(info, io.BytesIO(data))
+    _rehash(shards, "test-000000.tar")
+    problems = validate_shard_set(shards)
+    assert len(problems) == 1 and "test_00000000" in problems[0] and "test-000000.tar" in problems[0]
+    assert "cannot be decoded safely" in problems[0]
 
 
 def test_cli_writes_and_summarises(tiny_store: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -261,17 +253,17 @@ def test_cli_writes_and_summarises(tiny_store: PipelineConfig, tmp_path: Path, c
 def test_bad_store_errors_name_the_fix(tiny_store: PipelineConfig, tmp_path: Path) -> None:
     missing = tiny_store.model_copy(update={"data": tiny_store.data.model_copy(
         update={"store": tmp_path / "nope.zarr", "shards": tmp_path / "s"})})
-    with pytest.raises(ValueError, match="does not exist.*pipeline build"):
+    with pytest.raises(StoreError, match="does not exist.*pipeline build"):
         write_shards(missing, progress=False)
     variables = [v for v in tiny_store.data.variables if v.name != "population"]
     other = tiny_store.model_copy(update={"data": tiny_store.data.model_copy(
         update={"variables": variables, "shards": tmp_path / "s"})})
-    with pytest.raises(ValueError, match="variables .* rebuild it"):
+    with pytest.raises(StoreError, match=r"data.variables: only stored: population \(static, km-2\)\n.*--overwrite"):
         write_shards(other, progress=False)
     splits = dict(tiny_store.data.splits)
     splits["test"] = splits["test"].model_copy(update={"start": dt.datetime(2019, 1, 1), "end": dt.datetime(2019, 2, 1)})
     later = tiny_store.model_copy(update={"data": tiny_store.data.model_copy(
         update={"splits": splits, "shards": tmp_path / "s"})})
-    with pytest.raises(ValueError, match=r"\['test'\] have no time steps.*fix data.splits"):
+    with pytest.raises(StoreError, match=r"data.splits: stored"):
         write_shards(later, progress=False)
     assert not (tmp_path / "s").exists()  # nothing written before the check

@@ -1,0 +1,288 @@
+"""`build_features`: store contents against numpy, outside readers, resume, fingerprints, CLI, SLURM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import cf_xarray  # noqa: F401 - registers ds.cf
+import cf_xarray.units
+import numpy as np
+import pandas as pd
+import pint_xarray  # noqa: F401 - registers ds.pint
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline import build
+from pipeline.build import build_features
+from pipeline.cluster import slurm_cluster
+from pipeline.config import PipelineConfig, SlurmConfig, load_pipeline_config
+from pipeline.features import OUTPUTS
+from pipeline.scan import scan_orders
+from pipeline.statistics import block_moments, change_std, merge_moments
+from pipeline.store import PROGRESS_GROUP, open_features, partial_path, read_record
+from tests.helpers import tiny_raw_config, write_config, write_synthetic_source
+from topoflow.errors import StoreError
+
+
+def in_process(tmp_path: Path, **build_overrides) -> PipelineConfig:
+    """Tiny config (3 blocks of 16 steps) on one in-process worker (fast), written with its source."""
+    raw = tiny_raw_config(tmp_path)
+    raw["build"].update({"processes": False, "time_chunk": 16, **build_overrides})
+    cfg = load_pipeline_config(write_config(raw, tmp_path / "tiny.yaml"))
+    write_synthetic_source(cfg)
+    return cfg
+
+
+def ascending_source(cfg: PipelineConfig) -> xr.Dataset:
+    return xr.open_dataset(cfg.data.raw).load().sortby("latitude")
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    da_, db = xr.open_zarr(a), xr.open_zarr(b)
+    keep = lambda attrs: {k: v for k, v in attrs.items() if k not in ("history", "provenance")}  # noqa: E731
+    assert keep(da_.attrs) == keep(db.attrs)
+    xr.testing.assert_equal(da_.load(), db.load())
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> PipelineConfig:
+    cfg = in_process(tmp_path_factory.mktemp("built"))
+    build_features(cfg, progress=False)
+    return cfg
+
+
+def test_store_layout_follows_the_feature_table(built):
+    ds, record = open_features(built.data.store)
+    assert set(ds.dims) == {"time", "var", "static_var", "lat", "lon", "token", "region"}
+    for name, out in OUTPUTS.items():
+        assert ds[name].dims == out.dims and ds[name].dtype == out.dtype_for(record), name
+    assert list(ds["var"].values) == built.data.dynamic_names  # statics and coordinates are not in fields
+    assert list(ds["static_var"].values) == ["elevation", "population"]
+    assert (np.diff(ds["lat"].values) > 0).all() and ds["valid"].values.all()
+    assert ds["fields"].encoding["chunks"] == (16, 11, 8, 16)
+    assert record.build_state == "complete" and record.layout.grid == (8, 16) and record.schema_version == 3
+    assert record.provenance.config_hash and record.provenance.recipe["step_hours"] == 3
+    assert record.history.endswith(f"(topoflow {record.provenance.package_version})")
+    assert ds["scan_order"].dtype == np.int16
+    group = zarr.open_group(built.data.store, mode="r")
+    assert group.metadata.zarr_format == 3 and PROGRESS_GROUP not in group  # progress removed when complete
+    assert not partial_path(built.data.store).exists()
+
+
+def test_outside_readers_need_nothing_from_this_project(built):
+    """cf-xarray finds T/Y/X, pint-xarray quantifies with CF unit strings, plain zarr reads the arrays."""
+    ds = xr.open_zarr(built.data.store)
+    assert ds.cf["T"].name == "time" and ds.cf["latitude"].name == "lat" and ds.cf["X"].name == "lon"
+    assert "surface_altitude" in ds.cf.standard_names
+    quantified = ds.pint.quantify(unit_registry=cf_xarray.units.units)
+    assert str(quantified["wind_speed"].pint.units) == "meter / second"
+    pm25 = ds["fields"].sel(var="pm25").pint.quantify(str(ds["var_units"].sel(var="pm25").values),
+                                                      unit_registry=cf_xarray.units.units)
+    assert float(pm25.pint.to("kg m-3").max()) == pytest.approx(float(ds["fields"].sel(var="pm25").max()) * 1e-9)
+    assert str(ds["var_standard_name"].sel(var="u").values) == "u_standard"  # kept from the source
+    assert str(ds["var_long_name"].sel(var="u").values) == "u (synthetic)"
+    group = zarr.open_group(built.data.store, mode="r")
+    np.testing.assert_array_equal(group["fields"][:], ds["fields"].values)
+    assert group.attrs["step_hours"] == 3
+
+
+def test_fields_statics_and_mask_are_the_source_with_latitude_ascending(built):
+    src = ascending_source(built)
+    ds, _ = open_features(built.data.store)
+    for spec in built.data.variables:
+        if spec.kind == "dynamic":
+            got = ds["fields"].sel(var=spec.name).values
+        elif spec.kind == "static":
+            got = ds["static"].sel(static_var=spec.name).values
+        else:
+            continue
+        np.testing.assert_array_equal(got, src[spec.source].values.astype(np.float32), err_msg=spec.name)
+    np.testing.assert_array_equal(ds["elevation"].values, src["orography"].values)
+    np.testing.assert_array_equal(ds["loss_mask"].values, src["lsm"].values >= 0.5)
+
+
+def test_patch_fields_against_numpy(built):
+    src = ascending_source(built)
+    ds, _ = open_features(built.data.store)
+    elev = src["orography"].values.astype(np.float64)
+    blocks = elev.reshape(4, 2, 8, 2).transpose(0, 2, 1, 3).reshape(32, 4)
+    np.testing.assert_allclose(ds["patch_elevation"].values, blocks.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(ds["patch_elevation_std"].values, blocks.std(axis=1), rtol=1e-5)
+    u, v = src["u10"].values.astype(np.float64), src["v10"].values.astype(np.float64)
+    speed = np.sqrt(u**2 + v**2).reshape(48, 4, 2, 8, 2).mean(axis=(2, 4)).reshape(48, 32)
+    np.testing.assert_allclose(ds["wind_speed"].values, speed, rtol=1e-5)
+
+
+def test_scan_orders_and_sectors_match_the_rule(built):
+    src = ascending_source(built)
+    ds, _ = open_features(built.data.store)
+    u, v = src["u10"].values, src["v10"].values
+    order, sector = scan_orders(u, v, 2, (2, 2))
+    np.testing.assert_array_equal(ds["scan_order"].values, order)
+    np.testing.assert_array_equal(ds["region_sector"].values, sector)
+    glob, gsector = scan_orders(u, v, 2, (2, 2), mode="global")
+    np.testing.assert_array_equal(ds["scan_order_global"].values, glob)
+    np.testing.assert_array_equal(ds["global_sector"].values, gsector[:, 0])
+
+
+def test_statistics_over_the_training_period_only(built):
+    src = ascending_source(built)
+    ds, _ = open_features(built.data.store)
+    train = built.data.splits["train"]
+    in_train = ((src["time"] >= pd.Timestamp(train.start)) & (src["time"] <= pd.Timestamp(train.end))).values
+    assert 0 < int(in_train.sum()) < src.sizes["time"]
+    fields = ds["fields"].values[in_train].astype(np.float64)
+    np.testing.assert_allclose(ds["stats_mean"].values, fields.mean(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_allclose(ds["stats_std"].values, fields.std(axis=(0, 2, 3)), rtol=1e-9)
+    everything = ds["fields"].values.astype(np.float64).mean(axis=(0, 2, 3))
+    assert not np.allclose(ds["stats_mean"].values, everything, rtol=1e-6)
+    static = ds["static"].values.astype(np.float64)
+    np.testing.assert_allclose(ds["static_mean"].values, static.mean(axis=(1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(ds["static_std"].values, static.std(axis=(1, 2)), rtol=1e-12)
+
+
+def test_change_spread_is_recorded_and_matches_numpy(built):
+    """The per-lead change std of each target over the train split (pairs inside it), in the record."""
+    ds, record = open_features(built.data.store)
+    train = record.splits["train"]
+    idx = np.flatnonzero((ds.time.values >= np.datetime64(train.start)) & (ds.time.values <= np.datetime64(train.end)))
+    fields = ds["fields"].values[idx][:, record.target_index].astype(np.float64)
+    for li, lead in enumerate(record.leads_h):
+        k = lead // record.step_hours
+        want = (fields[k:] - fields[:-k]).std(axis=(0, 2, 3))
+        np.testing.assert_allclose(record.change_std[li], want, rtol=1e-9)
+        assert record.change_pairs[li] == len(idx) - k
+
+
+def test_change_spread_samples_runs_of_steps_and_marks_leads_longer_than_the_split(built):
+    ds, record = open_features(built.data.store)
+    index = np.arange(24)
+    got, pairs = change_std(ds.fields, index, record.target_index, [3, 999], max_inputs=10)
+    assert pairs[1] == 0 and np.isnan(got[1]).all()
+    inputs = np.arange(10)  # chunk 16 > max_inputs: one run of 10 consecutive steps
+    want = (ds.fields.values[inputs + 1][:, record.target_index].astype(np.float64)
+            - ds.fields.values[inputs][:, record.target_index]).std(axis=(0, 2, 3))
+    np.testing.assert_allclose(got[0], want, rtol=1e-9)
+    assert pairs[0] == 10
+
+
+def test_merged_moments_are_nan_aware():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3, 2, size=(10, 2, 4, 4))
+    x[3, 1, 2, 2] = np.nan
+    parts = [block_moments(x[a:b])[None] for a, b in ((0, 3), (3, 7), (7, 10))]
+    mean, std = merge_moments(np.concatenate(parts))
+    np.testing.assert_allclose(mean, np.nanmean(x, axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, np.nanstd(x, axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_resume_after_failure_equals_uninterrupted(tmp_path, built, monkeypatch):
+    cfg = in_process(tmp_path)
+    shutil.copy2(built.data.raw, cfg.data.raw)
+    original = build.read_block
+    fail_from = np.datetime64("2018-01-05T00:00")  # block 2 of 0..2
+
+    def failing(config, times):
+        if times.min() >= fail_from:
+            time.sleep(0.3)  # let the earlier blocks finish first
+            raise RuntimeError("injected worker failure")
+        return original(config, times)
+
+    monkeypatch.setattr(build, "read_block", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        build_features(cfg, progress=False)
+    partial = partial_path(cfg.data.store)
+    assert not Path(cfg.data.store).exists()
+    assert read_record(partial).build_state == "building"
+    done = zarr.open_group(str(partial / PROGRESS_GROUP))["done"][:]
+    assert done[:2].all() and not done[2:].any()
+    with pytest.raises(StoreError, match="resume"):
+        open_features(cfg.data.store)
+    finished = {partial / f"fields/c/{i}/0/0/0": (partial / f"fields/c/{i}/0/0/0").stat().st_mtime_ns
+                for i in np.flatnonzero(done)}
+
+    monkeypatch.setattr(build, "read_block", original)
+    build_features(cfg, progress=False)
+    assert_same_store(cfg.data.store, built.data.store)
+    for p, mtime in finished.items():  # blocks finished before the failure were not rewritten
+        assert (Path(cfg.data.store) / p.relative_to(partial)).stat().st_mtime_ns == mtime
+
+
+def test_changed_config_or_source_is_refused_naming_the_change(tmp_path, built):
+    store = tmp_path / "features.zarr"
+    shutil.copytree(built.data.store, store)
+    same = built.model_copy(deep=True)
+    same.data.store = store
+    assert build_features(same, progress=False) == store  # unchanged inputs: up to date, nothing rebuilt
+    changed = same.model_copy(deep=True)
+    changed.data.calm_threshold = 3.0
+    with pytest.raises(StoreError, match=r"data.calm_threshold: stored 0.5, config 3.0(.|\n)*--overwrite"):
+        build_features(changed, progress=False)
+    assert read_record(store).calm_threshold == 0.5  # untouched
+    other_source = same.model_copy(deep=True)
+    write_synthetic_source(other_source.model_copy(update={"data": other_source.data.model_copy(
+        update={"raw": tmp_path / "other.nc"})}), seed=7)
+    os.replace(tmp_path / "other.nc", tmp_path / "raw.nc")
+    other_source.data.raw = tmp_path / "raw.nc"
+    with pytest.raises(StoreError, match="content fingerprint"):
+        build_features(other_source, progress=False)
+    build_features(changed, overwrite=True, progress=False)
+    ds, record = open_features(store)
+    assert record.calm_threshold == 3.0 and (ds["region_sector"] == -1).any()
+    assert not store.with_name("features.zarr.old").exists()
+
+
+def test_a_copied_source_keeps_its_fingerprint(tmp_path, built):
+    """`cp` gives the source new mtimes and inodes; its content fingerprint, and so the store, still hold."""
+    cfg = built.model_copy(deep=True)
+    copy = tmp_path / "raw.nc"
+    shutil.copyfile(built.data.raw, copy)  # no copystat: a new mtime
+    store = tmp_path / "features.zarr"
+    shutil.copytree(built.data.store, store)
+    cfg.data.raw, cfg.data.store = copy, store
+    assert build.provenance(cfg).sources[0].fingerprint == read_record(built.data.store).provenance.sources[0].fingerprint
+    assert build_features(cfg, progress=False) == store
+
+
+def test_zarr_format_2_on_request(tmp_path):
+    cfg = in_process(tmp_path, zarr_format=2, time_chunk=48)
+    build_features(cfg, progress=False)
+    assert zarr.open_group(cfg.data.store).metadata.zarr_format == 2
+    ds, _ = open_features(cfg.data.store)
+    assert ds["fields"].encoding["chunks"] == (48, 11, 8, 16)
+    assert np.isfinite(ds["stats_std"].values).all()
+
+
+def test_an_older_schema_is_refused_with_the_fix(tmp_path, built):
+    store = tmp_path / "features.zarr"
+    shutil.copytree(built.data.store, store)
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs["schema_version"] = 2
+    with pytest.raises(StoreError, match="schema version 2.*rebuild it with.*--overwrite"):
+        open_features(store)
+
+
+def test_default_local_cluster_store_and_cli(tiny_store, capsys):
+    """tiny_store was built through the default LocalCluster (worker processes); the CLI sees it up to date."""
+    ds, _ = open_features(tiny_store.data.store)
+    assert ds.sizes["time"] == 48 and np.isfinite(ds["stats_mean"].values).all()
+    src = ascending_source(tiny_store)
+    np.testing.assert_array_equal(ds["fields"].sel(var="u").values, src["u10"].values)
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    config_path = Path(tiny_store.data.store).parent / "tiny.yaml"
+    assert build.run(parser.parse_args(["--config", str(config_path)])) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_slurm_cluster_job_script_from_config():
+    cfg = SlurmConfig(queue="cpu", account="proj42", cores=16, processes=8, memory="64GB", walltime="03:00:00", jobs=3)
+    with slurm_cluster(cfg) as cluster:
+        script = cluster.job_script()
+    for line in ("#SBATCH -p cpu", "#SBATCH -A proj42", "#SBATCH -t 03:00:00", "--nworkers 8", "--nthreads 2"):
+        assert line in script
