@@ -32,9 +32,9 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, default=str).encode()
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Pretty, sorted JSON written atomically (manifests, metrics)."""
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode() + b"\n")
+def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
+    """Pretty JSON written atomically; sorted keys (manifests) or the caller's order (reports)."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=sort_keys, default=str).encode() + b"\n")
 
 
 def sha256_json(obj: Any) -> str:

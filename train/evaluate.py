@@ -130,7 +130,7 @@ def report(ev: Evaluation, metrics: dict[str, Any], sample: dict[str, Any], map_
     """metrics.json, the figures and report.md in `out_dir`; returns report.md."""
     shards = ev.ctx.shards
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "metrics.json", metrics, sort_keys=False)
     figures = [
         plot_maps(sample["pred"], sample["truth"], sample["mask"], shards.lat, shards.lon, shards.targets,
                   shards.record.units, f"{sample['time']} + {map_lead} h", out_dir / f"maps_lead{map_lead}h.png"),

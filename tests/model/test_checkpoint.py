@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import CheckpointError, ModelConfig, TopoFlowClimaX, load_pretrained
+from model import ModelConfig, TopoFlowClimaX, load_pretrained
+from topoflow.errors import CheckpointError
+from topoflow.layout import PatchLayout
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -14,12 +16,13 @@ CFG = {"embed_dim": 32, "depth": 2, "num_heads": 4}
 
 def climax_like(variables, grid=(4, 8), outputs=("pm25", "pm10")) -> TopoFlowClimaX:
     torch.manual_seed(7)
-    return TopoFlowClimaX(ModelConfig(**CFG, physics={"enabled": False}), variables, outputs, grid, 2, (1, 1))
+    return TopoFlowClimaX(ModelConfig(**CFG, physics={"enabled": False}), variables, outputs,
+                          PatchLayout(grid=grid, patch_size=2, regions=(1, 1)))
 
 
 def target(variables=("u", "v", "temp", "pm25")) -> TopoFlowClimaX:
     torch.manual_seed(0)
-    return TopoFlowClimaX(ModelConfig(**CFG), variables, ["pm25", "pm10"], (8, 16), 2, (2, 2))
+    return TopoFlowClimaX(ModelConfig(**CFG), variables, ["pm25", "pm10"], PatchLayout(grid=(8, 16), patch_size=2, regions=(2, 2)))
 
 
 def test_lightning_climax_checkpoint_with_other_variables_and_grid(tmp_path):

@@ -9,11 +9,13 @@ from hypothesis import strategies as st
 
 from model import ModelConfig, TopoFlowClimaX, estimate_memory
 from model.__main__ import main as model_cli
+from topoflow.layout import PatchLayout
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 VARS = ["u", "v", "temp", "pm25", "elevation"]
-GRID, PATCH, REGIONS = (8, 16), 2, (2, 2)  # 4x8 patches = 32 tokens, 2x4 patches per region
+LAYOUT = PatchLayout(grid=(8, 16), patch_size=2, regions=(2, 2))  # 4x8 patches = 32 tokens, 2x4 patches per region
+GRID = LAYOUT.grid
 L = 32
 
 
@@ -21,7 +23,7 @@ def make(seed: int = 0, **cfg) -> TopoFlowClimaX:
     torch.manual_seed(seed)
     physics = {"wind_mod": "local", "rel_pos_bias": True, "num_buckets": 8, "alpha_per_head": True, "granularity": "region", "blocks": [0, 1], "decay": 0.5}
     physics.update(cfg.pop("physics", {}))
-    net = TopoFlowClimaX(ModelConfig(embed_dim=32, depth=2, num_heads=4, chunk_size=5, physics=physics, **cfg), VARS, ["pm25", "pm10"], GRID, PATCH, REGIONS)
+    net = TopoFlowClimaX(ModelConfig(embed_dim=32, depth=2, num_heads=4, chunk_size=5, physics=physics, **cfg), VARS, ["pm25", "pm10"], LAYOUT)
     with torch.no_grad():  # non-trivial physics tables, as after training
         for blk in net.blocks:
             if blk.attn.physics is not None and blk.attn.physics.cfg.rel_pos_bias:
@@ -138,7 +140,7 @@ def test_bad_inputs_are_clear_errors(mutate, match):
 
 def test_static_elevation_required_and_checked():
     torch.manual_seed(0)
-    net = TopoFlowClimaX(ModelConfig(embed_dim=32, depth=1, num_heads=4), VARS, ["pm25"], GRID, PATCH, REGIONS)
+    net = TopoFlowClimaX(ModelConfig(embed_dim=32, depth=1, num_heads=4), VARS, ["pm25"], LAYOUT)
     x, lt, orders, ws = batch()
     with pytest.raises(RuntimeError, match="set_static"):
         net(x, lt, VARS, orders, ws)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from tests.helpers import write_config
 from train.__main__ import main
 from train.ablate import verdict
 from train.config import load_experiment_config

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError
+from topoflow.errors import ConfigError
 from train.config import ExperimentConfig, load_experiment_config
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "topoflow_china.yaml"])

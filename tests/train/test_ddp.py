@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, write_config
 from pipeline.config import load_pipeline_config
 from pipeline.shard import write_shards
+from tests.helpers import REPO, write_config
 
 pytestmark = pytest.mark.slow
 
 WORKER = """
 import json, os, sys
 import torch
-import train.data
+import train.loader.stream
 from train.__main__ import main
 
 seen = []
-original = train.data.ShardStream.__iter__
+original = train.loader.stream.ShardStream.__iter__
 
 def recording(self):
     for batch in original(self):
@@ -33,7 +33,7 @@ def recording(self):
             seen.extend((self.epoch, key) for key in batch.keys)
         yield batch
 
-train.data.ShardStream.__iter__ = recording
+train.loader.stream.ShardStream.__iter__ = recording
 import train.fit
 captured = {}
 real_fit = train.fit.fit
@@ -63,7 +63,7 @@ def test_two_ranks_stay_in_sync_on_uneven_shards(tiny_experiment: dict, tmp_path
     write_shards(load_pipeline_config(config), progress=False)
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "DDP_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+           "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(tmp_path / "worker.py"), "fit", "--config", str(config), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # a hang fails here

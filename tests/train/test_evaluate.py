@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import write_config
+from tests.helpers import write_config
 from train.__main__ import main
 from train.config import load_experiment_config
 from train.metrics import METRIC_NAMES
@@ -67,10 +67,10 @@ def test_evaluate_without_a_run_is_a_clear_error(tiny_experiment: dict, tmp_path
 def test_residual_run_keeps_its_scale_and_evaluate_requires_it(tiny_experiment: dict, tmp_path: Path) -> None:
     import torch
 
-    from train.checkpoint import CheckpointError
-    from train.data import load_static
+    from topoflow.errors import CheckpointError
     from train.evaluate import evaluate
     from train.residual import residual_scale
+    from train.shards import load_shard_set
 
     tiny_experiment["train"]["residual"] = True
     config = write_config(tiny_experiment, tmp_path / "residual.yaml")
@@ -78,7 +78,7 @@ def test_residual_run_keeps_its_scale_and_evaluate_requires_it(tiny_experiment: 
     cfg = load_experiment_config(config)
     last = tmp_path / "run" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
-    scale = residual_scale(load_static(cfg.data.shards))
+    scale = residual_scale(load_shard_set(cfg.data.shards))
     assert scale.shape == (3, 6) and bool((scale > 0).all())
     torch.testing.assert_close(ckpt["residual_scale"], scale)
     assert main(["evaluate", "--config", str(config), "--checkpoint", str(last), "--no-progress"]) == 0

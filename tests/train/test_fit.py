@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import train.fit
+import train.step
 from model import load_pretrained
-from train.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from tests.helpers import write_config
+from topoflow.errors import CheckpointError, TrainingError
+from train.checkpoint import load_checkpoint, save_atomic
 from train.config import ExperimentConfig, load_experiment_config
-from train.data import load_static
 from train.evaluate import evaluate
-from train.fit import NonFiniteLossError, fit
+from train.fit import fit
 from train.net import build_model
-from conftest import write_config
+from train.shards import load_shard_set
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_experiment: dict, tmp_path:
                    progress=False)
     cfg = _cfg(raw, tmp_path / "b.yaml", run_dir=tmp_path / "b", max_steps=6, val_every=3)
     calls = {"n": 0}
-    real_loss = train.fit.weighted_mse
+    real_loss = train.step.weighted_mse
 
     def dies_in_step_6(*args: object) -> torch.Tensor:
         calls["n"] += 1
@@ -43,10 +44,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_experiment: dict, tmp_path:
             raise KeyboardInterrupt("killed")
         return real_loss(*args)
 
-    monkeypatch.setattr(train.fit, "weighted_mse", dies_in_step_6)
+    monkeypatch.setattr(train.step, "weighted_mse", dies_in_step_6)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, progress=False)
-    monkeypatch.setattr(train.fit, "weighted_mse", real_loss)
+    monkeypatch.setattr(train.step, "weighted_mse", real_loss)
     assert load_checkpoint(tmp_path / "b" / "last.ckpt")["step"] == 4  # checkpoint_every=2
     resumed = fit(cfg, resume=True, progress=False)
     assert resumed.step == straight.step == 6
@@ -60,9 +61,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_experiment: dict, tmp_path:
 
 def test_nonfinite_loss_stops_with_step_and_keys(tiny_experiment: dict, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    real_loss = train.fit.weighted_mse
-    monkeypatch.setattr(train.fit, "weighted_mse", lambda *a: real_loss(*a) * float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"step 1: batch keys \['train_\d{8}', 'train_\d{8}'\]"):
+    real_loss = train.step.weighted_mse
+    monkeypatch.setattr(train.step, "weighted_mse", lambda *a: real_loss(*a) * float("nan"))
+    with pytest.raises(TrainingError, match=r"step 1: batch keys \['train_\d{8}', 'train_\d{8}'\]"):
         fit(_cfg(tiny_experiment, tmp_path / "c.yaml"), progress=False)
 
 
@@ -74,7 +75,7 @@ def test_finetune_from_baseline_reports_physics_keys_missing(tiny_experiment: di
 
     cfg = _cfg(tiny_experiment, tmp_path / "ft.yaml", run_dir=tmp_path / "ft", init_from=base.best_checkpoint,
                lr=5e-5, freeze_backbone=True, max_steps=2)
-    net = build_model(cfg.model, load_static(cfg.data.shards))
+    net = build_model(cfg.model, load_shard_set(cfg.data.shards))
     report = load_pretrained(net, cfg.train.init_from)
     physics = {k for k in net.state_dict() if k not in base_sd}
     assert physics and set(report.missing) == physics
@@ -94,10 +95,10 @@ def test_checkpoint_from_another_grid_is_refused(tiny_experiment: dict, tmp_path
     cfg = _cfg(tiny_experiment, tmp_path / "g.yaml", max_steps=2)
     result = fit(cfg, progress=False)
     ckpt = load_checkpoint(result.last_checkpoint)
-    ckpt["config"]["data"]["domain"]["n_lat"] = 16
+    ckpt["store_record"]["domain"]["n_lat"] = 16
     other = tmp_path / "other-grid.ckpt"
     save_atomic(ckpt, other)
-    with pytest.raises(CheckpointError, match=r"data\.domain=.*'n_lat': 16.*init_from"):
+    with pytest.raises(CheckpointError, match=r"(?s)data\.domain: stored .*'n_lat': 16.*init_from"):
         evaluate(cfg, checkpoint=other, progress=False)
     save_atomic(ckpt, result.last_checkpoint)
     with pytest.raises(CheckpointError, match=r"data\.domain"):
@@ -105,18 +106,15 @@ def test_checkpoint_from_another_grid_is_refused(tiny_experiment: dict, tmp_path
 
 
 def test_capped_validation_always_starts_at_the_first_batch(tiny_experiment: dict, tmp_path: Path) -> None:
-    from train.data import ShardStream
-    from train.distributed import init_distributed
-    from train.fit import validate
-    from train.loss import latitude_weights
+    from train.loader import ShardStream
+    from train.step import StepContext, validate
 
-    cfg = _cfg(tiny_experiment, tmp_path / "v.yaml", val_batches=1, eval_batch_size=2)
-    static = load_static(cfg.data.shards)
-    net = build_model(cfg.model, static)
+    cfg = _cfg(tiny_experiment, tmp_path / "v.yaml", eval_batch_size=2)
+    shards = load_shard_set(cfg.data.shards)
+    net = build_model(cfg.model, shards)
     loader = ShardStream(cfg.data.shards, "val", 2, mode="eval")
-    env, lat_w = init_distributed(), latitude_weights(static.lat)
-    first = validate(net, loader, static, cfg, env, lat_w, None)
-    assert validate(net, loader, static, cfg, env, lat_w, None) == first
-    whole = validate(net, loader, static, cfg.model_copy(update={"train": cfg.train.model_copy(update={"val_batches": None})}),
-                     env, lat_w, None)
-    assert whole != first and validate(net, loader, static, cfg, env, lat_w, None) == first
+    ctx = StepContext.create(shards, cfg.model.scan, False, "fp32", torch.device("cpu"))
+    first = validate(net, loader, ctx, 1)
+    assert validate(net, loader, ctx, 1) == first
+    whole = validate(net, loader, ctx, None)
+    assert whole != first and validate(net, loader, ctx, 1) == first

@@ -1,4 +1,5 @@
-"""The streaming loader (`train.data`): DDP/worker partitioning, resume, batch content, safety."""
+"""The streaming loader (`train.loader`): DDP/worker partitioning, resume, batch content, safety, and
+the full model input assembled on the device (`train.inputs`)."""
 
 from __future__ import annotations
 
@@ -16,22 +17,22 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.shardset import ShardSetError, read_manifest, sha256_file
-from train.data import (
-    Batch,
-    CorruptShardError,
-    ShardIntegrityError,
-    ShardStream,
-    load_static,
-    plan_epoch,
-    skip_per_worker,
-)
+from pipeline.features import COORDINATE_LAYERS
+from pipeline.records import ShardEntry
+from pipeline.shardset import read_manifest
+from topoflow.errors import ShardSetError
+from topoflow.files import sha256_file
+from train.batch import Batch
+from train.inputs import InputAssembler
+from train.loader import CorruptShardError, ShardIntegrityError, ShardStream
+from train.loader.plan import next_worker, plan_epoch, round_robin, skip_per_worker
+from train.shards import load_shard_set
 
 
 def all_keys(shards: Path, split: str) -> set[str]:
     keys = set()
-    for shard in read_manifest(shards)["splits"][split]["shards"]:
-        with tarfile.open(shards / shard["name"]) as tar:
+    for shard in read_manifest(shards).splits[split].shards:
+        with tarfile.open(shards / shard.name) as tar:
             keys |= {m.name.split(".")[0] for m in tar}
     return keys
 
@@ -84,8 +85,11 @@ def test_train_ranks_and_workers_disjoint_with_equal_batches(tiny_shards: Path) 
     assert [k for b in again for k in b.keys] == epochs[1][0]  # deterministic given (seed, epoch, rank)
 
 
-@pytest.mark.parametrize(("mode", "workers"), [("train", 0), ("train", 2), ("eval", 2)])
-def test_resume_yields_exactly_the_remaining_batches(tiny_shards: Path, mode: str, workers: int) -> None:
+@pytest.mark.parametrize(("mode", "workers", "stop"), [("train", 0, 4), ("train", 2, 4), ("train", 2, 3),
+                                                       ("train", 3, 5), ("eval", 2, 3)])
+def test_resume_yields_exactly_the_remaining_batches(tiny_shards: Path, mode: str, workers: int, stop: int) -> None:
+    """At any worker count and any position: the resumed DataLoader starts at worker 0, so worker ids are
+    rotated by the position's round-robin phase (an odd position used to swap the next two batches)."""
     def make() -> ShardStream:
         loader = ShardStream(tiny_shards, "train", 2, mode=mode, seed=3, num_workers=workers, shuffle_buffer=5)
         loader.set_epoch(2)
@@ -96,35 +100,35 @@ def test_resume_yields_exactly_the_remaining_batches(tiny_shards: Path, mode: st
     taken = []
     for batch in first:
         taken.append(batch.keys)
-        if len(taken) == 4:
+        if len(taken) == stop:
             break
     state = first.state_dict()
-    assert state["position"] == 4 and state["epoch"] == 2
+    assert state["position"] == stop and state["epoch"] == 2
     resumed = make()
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint round trip
     rest = [(b.keys, b.lead_times.tolist(), b.x.sum().item()) for b in resumed]
-    assert taken == [k for k, _, _ in full[:4]]
-    assert rest == full[4:]
+    assert taken == [k for k, _, _ in full[:stop]]
+    assert rest == full[stop:]
     # iterating the interrupted loader again continues too
-    assert [b.keys for b in first] == [k for k, _, _ in full[4:]]
+    assert [b.keys for b in first] == [k for k, _, _ in full[stop:]]
 
 
 def test_resume_with_other_settings_is_refused(tiny_shards: Path) -> None:
     state = ShardStream(tiny_shards, "train", 2, num_workers=0).state_dict()
-    with pytest.raises(ValueError, match="num_workers"):
+    with pytest.raises(ShardSetError, match="num_workers"):
         ShardStream(tiny_shards, "train", 2, num_workers=1).load_state_dict(state)
 
 
 def test_batch_is_normalised_and_masked(tiny_shards: Path) -> None:
-    static = load_static(tiny_shards)
-    tidx = [static.variables.index(t) for t in static.targets]
+    static = load_shard_set(tiny_shards)
+    tidx = static.target_index
     raw = {}
-    for shard in read_manifest(tiny_shards)["splits"]["test"]["shards"]:
-        with tarfile.open(tiny_shards / shard["name"]) as tar:
+    for shard in read_manifest(tiny_shards).splits["test"].shards:
+        with tarfile.open(tiny_shards / shard.name) as tar:
             for m in tar:
                 key, member = m.name.split(".", 1)
                 raw.setdefault(key, {})[member] = tar.extractfile(m).read()
-    mean, std = static.stats_mean, static.stats_std
+    mean, std = static.stats_mean, static.input_std
     for mode in ("eval", "train"):
         for batch in ShardStream(tiny_shards, "test", 4, mode=mode):
             for i, key in enumerate(batch.keys):
@@ -154,11 +158,32 @@ def test_batch_helpers(tiny_shards: Path) -> None:
     assert moved.scan_order.dtype == torch.int64 and moved.keys == batch.keys
 
 
-def test_load_static_is_cached_and_matches_files(tiny_shards: Path) -> None:
-    static = load_static(tiny_shards)
-    assert load_static(tiny_shards / "manifest.json") is static
+def test_shard_set_is_loaded_once_and_matches_files(tiny_shards: Path) -> None:
+    static = load_shard_set(tiny_shards)
+    assert load_shard_set(tiny_shards / "manifest.json") is static
     np.testing.assert_array_equal(static.loss_mask, np.load(tiny_shards / "loss_mask.npy"))
-    assert static.patch_elevation.shape == (32,) and static.grid == (8, 16) and static.regions == (2, 2)
+    assert static.patch_elevation.shape == (32,) and static.layout.grid == (8, 16) and static.layout.regions == (2, 2)
+
+
+def test_full_input_joins_static_and_coordinate_channels_in_the_configs_order(tiny_shards: Path) -> None:
+    shards = load_shard_set(tiny_shards)
+    stats = shards.manifest.statistics
+    batch = next(iter(ShardStream(tiny_shards, "val", 3, mode="eval")))
+    full = InputAssembler(shards, "cpu")(batch.x)
+    assert full.shape == (3, 15, 8, 16) and batch.x.shape == (3, 11, 8, 16)
+    record = shards.record
+    for c, name in enumerate(record.variable_names):
+        kind = next(v.kind for v in record.variables if v.name == name)
+        if kind == "dynamic":
+            want = batch.x[:, record.names("dynamic").index(name)].numpy()
+        elif kind == "static":
+            i = record.names("static").index(name)
+            want = (shards.static[i] - stats.static_mean[i]) / stats.static_std[i]
+        else:
+            layer = COORDINATE_LAYERS[name](shards.lat, shards.lon)
+            want = (layer - layer.mean()) / layer.std()
+        np.testing.assert_allclose(full[:, c].numpy(), np.broadcast_to(want, (3, 8, 16)), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
 
 
 def test_truncated_shard_is_skipped_counted_and_logged_once(tiny_shards: Path, tmp_path: Path,
@@ -167,7 +192,7 @@ def test_truncated_shard_is_skipped_counted_and_logged_once(tiny_shards: Path, t
     bad = shards / "train-000002.tar"
     bad.write_bytes(bad.read_bytes()[:7000])
     loader = ShardStream(shards, "train", 2)
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="train.loader.stages"):
         for epoch in (0, 1):
             loader.set_epoch(epoch)
             batches = list(loader)
@@ -231,18 +256,18 @@ def test_too_few_shards_is_a_clear_error(tiny_shards: Path) -> None:
 def test_plan_deals_every_shard_once_and_balances_ranks(counts: list[int], world: int, readers: int, batch: int,
                                                        seed: int, epoch: int) -> None:
     assume(len(counts) >= world * readers)
-    entries = [{"name": f"s{i}", "count": c} for i, c in enumerate(counts)]
+    entries = [ShardEntry(name=f"s{i}", count=c, bytes=1, sha256="", start=0, stop=c) for i, c in enumerate(counts)]
     for mode in ("train", "eval"):
         plans = [plan_epoch(entries, mode=mode, batch_size=batch, seed=seed, epoch=epoch, rank=r,
                             world_size=world, readers=readers) for r in range(world)]
-        names = [s["name"] for p in plans for ws in p.shards for s in ws]
-        assert sorted(names) == sorted(e["name"] for e in entries)  # each shard to exactly one reader
+        names = [s.name for p in plans for ws in p.shards for s in ws]
+        assert sorted(names) == sorted(e.name for e in entries)  # each shard to exactly one reader
         assert len({p.batches for p in plans}) == 1  # equal batches on every rank
         if mode == "train":
             assert plans[0].batches == sum(counts) // (world * batch)
         else:
             for p in plans:  # real batches hold every sample of the rank's shards
-                assert all(r * batch >= sum(s["count"] for s in ws) for r, ws in zip(p.real_batches, p.shards))
+                assert all(r * batch >= sum(s.count for s in ws) for r, ws in zip(p.real_batches, p.shards))
                 assert all(q >= r for q, r in zip(p.quotas, p.real_batches))
 
 
@@ -254,3 +279,13 @@ def test_skip_per_worker_counts_round_robin_delivery(quotas: list[int], data: st
     # round robin: no worker with batches left is more than one batch ahead of another such worker
     live = [d for d, q in zip(done, quotas) if d < q]
     assert not live or max(live) - min(live) <= 1
+
+
+@given(quotas=st.lists(st.integers(0, 6), min_size=1, max_size=4), data=st.data())
+def test_rotating_workers_by_the_phase_continues_the_round_robin(quotas: list[int], data: st.DataObject) -> None:
+    """A resumed DataLoader merges worker (k + phase) % n in torch's order from k = 0: the same sequence."""
+    position = data.draw(st.integers(0, sum(quotas)))
+    done, phase, n = skip_per_worker(quotas, position), next_worker(quotas, position), len(quotas)
+    left = [q - d for q, d in zip(quotas, done)]
+    resumed = [(k + phase) % n for k in round_robin([left[(k + phase) % n] for k in range(n)])]
+    assert resumed == list(round_robin(quotas))[position:]

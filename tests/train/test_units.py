@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from topoflow.errors import CheckpointError, TrainingError
 from train.checkpoint import (
-    CheckpointError,
     best_checkpoints,
     default_checkpoint,
     load_checkpoint,
@@ -37,7 +37,7 @@ def test_weighted_mse_matches_numpy_and_ignores_nan() -> None:
     expected = np.sum(wb * np.nan_to_num(pred - target) ** 2) / wb.sum()
     got = weighted_mse(torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(mask), latitude_weights(lat))
     assert float(got) == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="no valid target"):
+    with pytest.raises(TrainingError, match="no valid target"):
         weighted_mse(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4, dtype=torch.bool), latitude_weights(lat))
 
 
@@ -118,41 +118,25 @@ def test_best_k_keeps_the_lowest(tmp_path) -> None:
     assert default_checkpoint(tmp_path).name == "best-val_loss=0.3557-step=3.ckpt"
 
 
-def _residual_batch(lead_times: list[float]):
-    from train.batch import Batch
-
-    n = len(lead_times)
-    return Batch(x=torch.randn(n, 3, 4, 6), y=torch.zeros(n, 2, 4, 6), mask=torch.ones(n, 2, 4, 6, dtype=torch.bool),
-                 lead_times=torch.tensor(lead_times), scan_order=torch.zeros(n, 6, dtype=torch.long),
-                 scan_order_global=torch.zeros(n, 6, dtype=torch.long), wind_speed=torch.zeros(n, 6),
-                 valid=torch.ones(n, dtype=torch.bool), keys=["k"] * n, times=["t"] * n, skipped_shards=[])
-
-
 def _residual_static(change_std: list[list[float]]):
     from types import SimpleNamespace
 
-    return SimpleNamespace(variables=["u", "pm25", "o3"], targets=["o3", "pm25"], target_index=[2, 1], leads_h=[6, 12],
-                           change_std=np.array(change_std, dtype=np.float64), target_std=np.array([2.0, 4.0], np.float32))
+    return SimpleNamespace(targets=["o3", "pm25"], leads_h=[6, 12], change_std=np.array(change_std, dtype=np.float64),
+                           target_std=np.array([2.0, 4.0], np.float32))
 
 
 def test_residual_forecast_is_persistence_plus_the_scaled_change() -> None:
-    from train.fit import forward
-    from train.residual import residual_scale
+    from train.residual import add_persistence, residual_scale
 
     static = _residual_static([[1.0, 2.0], [3.0, 8.0]])
     scale = residual_scale(static)
     torch.testing.assert_close(scale, torch.tensor([[0.5, 0.5], [1.5, 2.0]]))
-    batch = _residual_batch([12.0, 6.0])
-
-    def delta(x, lead, variables, order, wind):  # a network that predicts a constant change
-        return torch.full((x.shape[0], 2, 4, 6), 0.5)
-
-    out = forward(delta, batch, static, "none", scale)
-    expected = batch.x[:, [2, 1]] + 0.5 * torch.tensor([[1.5, 2.0], [0.5, 0.5]])[:, :, None, None]
+    dynamic, change = torch.randn(2, 3, 4, 6), torch.full((2, 2, 4, 6), 0.5)  # a constant predicted change
+    out = add_persistence(change, dynamic, [2, 1], scale, static.leads_h, torch.tensor([12.0, 6.0]))
+    expected = dynamic[:, [2, 1]] + 0.5 * torch.tensor([[1.5, 2.0], [0.5, 0.5]])[:, :, None, None]
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(forward(delta, batch, static, "none", None), torch.full((2, 2, 4, 6), 0.5))
     with pytest.raises(ValueError, match=r"lead times \[24.0\] h are not among the shard set's leads \[6, 12\]"):
-        forward(delta, _residual_batch([24.0]), static, "none", scale)
+        add_persistence(change[:1], dynamic[:1], [2, 1], scale, static.leads_h, torch.tensor([24.0]))
 
 
 def test_residual_scale_falls_back_to_the_target_std_where_unknown(caplog: pytest.LogCaptureFixture) -> None:
