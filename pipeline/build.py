@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 import zarr
 from distributed import as_completed
@@ -34,7 +35,7 @@ from pipeline.features import TIME_OUTPUTS, Block, Statics
 from pipeline.fingerprint import fingerprint
 from pipeline.records import Provenance, SourceRecord, StoreRecord
 from pipeline.source import check_finite, describe_source, read_block
-from pipeline.statistics import N_MOMENTS, block_moments, change_std, grid_moments, merge_moments
+from pipeline.statistics import N_MOMENTS, ChangePlan, block_moments, grid_moments, layer_sums, merge_moments
 from pipeline.store import PROGRESS_GROUP, consolidate, encodings, partial_path, read_record, template
 from topoflow.config import add_override_argument, config_hash
 from topoflow.errors import SourceError, StoreError
@@ -77,6 +78,26 @@ def differences(old: StoreRecord, new: StoreRecord, cfg: PipelineConfig) -> list
     return lines
 
 
+def change_plan(record: StoreRecord, cfg: PipelineConfig) -> ChangePlan:
+    """The frames behind the change spread: a pure function of the record (gaps, train split, leads)."""
+    times, train = cfg.data.times(), record.splits["train"]
+    usable = ~times.isin(pd.DatetimeIndex(record.missing_times)) & (times >= train.start) & (times <= train.end)
+    return ChangePlan.create(np.asarray(usable), [lead // record.step_hours for lead in record.leads_h],
+                             record.layout.grid, cfg.build.time_chunk)
+
+
+def _progress_group(path: Path, record: StoreRecord, cfg: PipelineConfig, n_times: int) -> None:
+    """Per-block done flags and moments, and the change-spread frames the block tasks fill in."""
+    n_blocks, n_vars = -(-n_times // cfg.build.time_chunk), len(record.names("dynamic"))
+    progress = zarr.open_group(str(path / PROGRESS_GROUP), mode="w", zarr_format=cfg.build.zarr_format)
+    progress.create_array("done", shape=(n_blocks,), chunks=(1,), dtype=bool, fill_value=False)
+    progress.create_array("moments", shape=(n_blocks, n_vars, N_MOMENTS), chunks=(1, n_vars, N_MOMENTS),
+                          dtype="float64", fill_value=np.nan)
+    shape = change_plan(record, cfg).storage(n_blocks, len(record.targets), record.layout.grid)
+    progress.create_array("change_frames", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=np.nan,
+                          compressors=None)  # temporary: uncompressed, a block wrote its frames in 16 ms, not 27
+
+
 def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig) -> None:
     """Template and progress record in a temporary directory, renamed to `path` (`<store>.partial`)."""
     tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
@@ -86,11 +107,7 @@ def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig)
     try:
         ds.to_zarr(tmp, mode="w", compute=False, encoding=encodings(ds, cfg.build), zarr_format=cfg.build.zarr_format,
                    consolidated=False)
-        n_blocks, n_vars = -(-len(times) // cfg.build.time_chunk), ds.sizes["var"]
-        progress = zarr.open_group(str(tmp / PROGRESS_GROUP), mode="w", zarr_format=cfg.build.zarr_format)
-        progress.create_array("done", shape=(n_blocks,), chunks=(1,), dtype=bool, fill_value=False)
-        progress.create_array("moments", shape=(n_blocks, n_vars, N_MOMENTS), chunks=(1, n_vars, N_MOMENTS),
-                              dtype="float64", fill_value=np.nan)
+        _progress_group(tmp, record, cfg, len(times))
         os.rename(tmp, path)
     except OSError as exc:
         raise StoreError(f"cannot write the new store under {path.parent} ({exc.strerror or exc}): free disk space "
@@ -99,8 +116,10 @@ def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_block(cfg: PipelineConfig, record: StoreRecord, path: str, start: int, stop: int) -> np.ndarray:
-    """One build task: read the block's sources once, write every time output, return its train moments."""
+def build_block(cfg: PipelineConfig, record: StoreRecord, plan: ChangePlan, path: str, start: int, stop: int
+                ) -> np.ndarray:
+    """One build task: read the block's sources once, write every time output and the block's change
+    frames, return its train moments."""
     times = cfg.data.times().values[start:stop]
     try:
         fields, valid = read_block(cfg, times)
@@ -108,18 +127,25 @@ def build_block(cfg: PipelineConfig, record: StoreRecord, path: str, start: int,
         raise SourceError(f"reading the raw source {cfg.data.raw} failed at {times[0]} ({exc}); the file is "
                           "truncated or corrupt: re-download or regenerate it, then rerun build (finished blocks are kept)"
                           ) from exc
-    check_finite(fields[valid], record.names("dynamic"), times[valid])
+    sums = layer_sums(fields)
+    check_finite(sums[valid], record.names("dynamic"), times[valid])
     block = Block(record, fields, valid)
     try:
         group = zarr.open_group(path, mode="r+")
         for out in TIME_OUTPUTS:
             group[out.name][start:stop] = block.output(out.name)
+        steps = plan.block_frames(start, stop)
+        if len(steps):
+            group[PROGRESS_GROUP]["change_frames"][start // plan.block, :len(steps)] = \
+                plan.thin(fields[steps - start][:, record.target_index])
     except OSError as exc:
         raise StoreError(f"writing {path} failed ({exc.strerror or exc}): free disk space or fix permissions, then "
                          "rerun build (finished blocks are kept)") from exc
     train = record.splits["train"]
     in_train = valid & (times >= np.datetime64(train.start)) & (times <= np.datetime64(train.end))
-    return block_moments(fields[in_train])
+    if in_train.all():  # no copy of the block in the usual case
+        return block_moments(fields, sums)
+    return block_moments(fields[in_train], sums[in_train])
 
 
 def load(path: Path, record: StoreRecord, cfg: PipelineConfig, scheduler: str | None, progress: bool) -> None:
@@ -131,8 +157,9 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, scheduler: str | 
     if not todo:
         return
     errors: dict[int, BaseException] = {}
+    plan = change_plan(record, cfg)
     with dask_client(cfg.build, scheduler) as client:
-        futures = {client.submit(build_block, cfg, record, str(path), i * chunk, min((i + 1) * chunk, n_times),
+        futures = {client.submit(build_block, cfg, record, plan, str(path), i * chunk, min((i + 1) * chunk, n_times),
                                  key=f"build-block-{i}-{os.getpid()}", pure=False): i for i in todo}
         with tqdm(total=done.shape[0], initial=done.shape[0] - len(todo), unit="block", desc="build",
                   disable=not progress) as bar:
@@ -149,7 +176,7 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, scheduler: str | 
         raise errors[min(errors)]
 
 
-def finalise(path: Path, final: Path, record: StoreRecord) -> None:
+def finalise(path: Path, final: Path, record: StoreRecord, cfg: PipelineConfig) -> None:
     """Statistics, change spread, complete record; drop the progress group; move into place atomically."""
     group = zarr.open_group(str(path), mode="r+")
     mean, std = merge_moments(group[PROGRESS_GROUP]["moments"][:])
@@ -158,15 +185,12 @@ def finalise(path: Path, final: Path, record: StoreRecord) -> None:
                           "time step: every one is missing from a source; fix data.splits.train")
     group["stats_mean"][:], group["stats_std"][:] = mean, std
     group["static_mean"][:], group["static_std"][:] = grid_moments(group["static"][:])
-    ds = xr.open_zarr(path, consolidated=False)
-    train = record.splits["train"]
-    time = ds["time"].values
-    index = np.flatnonzero(ds["valid"].values & (time >= np.datetime64(train.start)) & (time <= np.datetime64(train.end)))
-    change, pairs = change_std(ds["fields"], index, record.target_index, record.leads_h)
+    plan = change_plan(record, cfg)
+    change, pairs = plan.spread(plan.gather(group[PROGRESS_GROUP]["change_frames"][:]))
     done = record.model_copy(update={"build_state": "complete", "change_pairs": pairs,
                                      "change_std": [[None if np.isnan(v) else float(v) for v in row] for row in change]})
     group.attrs.put(done.model_dump(mode="json"))
-    del group[PROGRESS_GROUP]
+    shutil.rmtree(path / PROGRESS_GROUP)  # 4x faster than deleting it through zarr, member by member
     consolidate(path)
     if final.exists():  # --overwrite: keep the old store until the new one is in place
         old = final.with_name(final.name + ".old")
@@ -218,7 +242,7 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
         path.parent.mkdir(parents=True, exist_ok=True)
         init(path, record, Statics(record, found.static, found.elevation, found.loss_mask), cfg)
     load(path, record, cfg, scheduler, progress)
-    finalise(path, final, record)
+    finalise(path, final, record, cfg)
     return final
 
 

@@ -3,6 +3,11 @@
 Worker processes, not threads: HDF5 (NetCDF-4) serialises reads across the threads of one process,
 so a build only speeds up with more cores when each core is its own process. The defaults are one
 single-threaded worker process per core, and one process per core of each SLURM job.
+
+LocalCluster workers keep glibc's default malloc: distributed starts workers with
+MALLOC_TRIM_THRESHOLD_=65536, which also switches off glibc's dynamic mmap threshold, so every block-sized
+array is mmap'd and page-faulted in afresh; a build task took 1.6x as long with it (300 vs 190 ms per
+128x256x24-step block, measured in one process with and without the variable).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import dask
 import numcodecs.blosc
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -46,6 +52,7 @@ def dask_client(build: BuildConfig, scheduler: str | None = None) -> Iterator[Cl
             cluster.scale(jobs=build.slurm.jobs)
             client = stack.enter_context(Client(cluster))
         else:
+            stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}))
             cluster = stack.enter_context(LocalCluster(
                 n_workers=build.n_workers, threads_per_worker=build.threads_per_worker, processes=build.processes,
                 memory_limit=build.memory_limit, dashboard_address=None, silence_logs=logging.ERROR))

@@ -121,12 +121,12 @@ def scan_orders(
     return orders_from_sectors(sector, (gh, gw), grid_regions, sectors), sector
 
 
-def patch_mean(a: np.ndarray, patch_size: int) -> np.ndarray:
-    """(..., H, W) -> (..., tokens): mean over each patch, raster token order."""
+def patch_mean(a: np.ndarray, patch_size: int, dtype: type = np.float64) -> np.ndarray:
+    """(..., H, W) -> (..., tokens): mean over each patch, raster token order, accumulated in `dtype`."""
     *lead, h, w = a.shape
     p = patch_size
     blocks = a.reshape(*lead, h // p, p, w // p, p)
-    return blocks.mean(axis=(-3, -1), dtype=np.float64).reshape(*lead, (h // p) * (w // p))
+    return blocks.mean(axis=(-3, -1), dtype=dtype).reshape(*lead, (h // p) * (w // p))
 
 
 def patch_std(a: np.ndarray, patch_size: int) -> np.ndarray:

@@ -19,6 +19,7 @@ import xarray as xr
 
 from pipeline.config import PipelineConfig
 from pipeline.records import VariableRecord
+from pipeline.statistics import layer_sums
 from topoflow.errors import SourceError
 
 SOURCE_DIMS = ("time", "latitude", "longitude")
@@ -117,11 +118,14 @@ def _check_time(ds: xr.Dataset, cfg: PipelineConfig) -> pd.DatetimeIndex:
     return wanted.difference(times)
 
 
-def check_finite(values: np.ndarray, names: list[str], times: np.ndarray | None = None) -> None:
-    """Raise naming the first variable (and time) holding NaN/inf; values is (time, var, ...) or (var, ...)."""
-    lead = 2 if times is not None else 1
-    # a float64 sum of float32 cells is finite exactly when every cell is: one fast pass, no mask array
-    bad = ~np.isfinite(values.reshape(*values.shape[:lead], int(np.prod(values.shape[lead:]))).sum(axis=-1, dtype=np.float64))
+def check_finite(sums: np.ndarray, names: list[str], times: np.ndarray | None = None) -> None:
+    """Raise naming the first variable (and time) holding NaN/inf.
+
+    `sums` are float64 sums of each (time, variable) layer, (t, V), or of each static layer, (V,):
+    a float64 sum of float32 cells is finite exactly when every cell is, so the check needs no pass
+    of its own (`statistics.layer_sums` feeds both this check and the moments).
+    """
+    bad = ~np.isfinite(sums)
     if not bad.any():
         return
     if times is None:
@@ -167,7 +171,7 @@ def describe_source(cfg: PipelineConfig) -> SourceStatics:
     names = data.names_of("static")
     layers = [_static_layer(ds, s.source) for s in data.variables if s.kind == "static"]
     elevation = _static_layer(ds, data.static.elevation)
-    check_finite(np.stack([*layers, elevation]), [*names, "elevation"])
+    check_finite(layer_sums(np.stack([*layers, elevation])[None])[0], [*names, "elevation"])
     shape = (data.domain.n_lat, data.domain.n_lon)
     return SourceStatics(
         static=np.stack(layers) if layers else np.empty((0, *shape), np.float32),

@@ -7,20 +7,23 @@
   y(t + lead) - y(t). Near the surface that change is large at 12 h (day and night swap) and small at
   24 h (same time of day), so one normalisation for all leads lets the 12 h changes dominate the
   loss. Normalising each lead's change by its own std puts every lead on the same footing (GraphCast,
-  Lam et al. 2023, normalises its residual targets by the std of time differences likewise). It is
-  estimated at the build's finalise step from at most `MAX_INPUTS` train input times, sampled in
-  evenly spread runs of consecutive steps one store chunk long (a few dozen chunk reads).
+  Lam et al. 2023, normalises its residual targets by the std of time differences likewise). A
+  `ChangePlan` names the frames it needs; the block tasks save them while the block is in memory
+  (anemoi computes its tendency statistics in a second pass over the dataset; measured here, re-reading
+  the store cost more than the rest of finalise, benchmarks/pipeline.py).
 """
 
 from __future__ import annotations
 
-import dask
-import dask.array as da
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
-import xarray as xr
 
 N_MOMENTS = 3  # count, mean, M2 per variable
-MAX_INPUTS = 500
+MAX_INPUTS = 128  # input steps behind the change spread (frames <= 5 x 128 x 6 targets x 2048 cells: 31 MB)
+MAX_CELLS = 2048  # cells per saved target frame (the reference 128x256 grid: every 4th cell, 1 degree apart)
 
 
 def _sum_sq(d: np.ndarray) -> float:
@@ -28,10 +31,18 @@ def _sum_sq(d: np.ndarray) -> float:
     return float(np.einsum("ij,ij->", d, d))
 
 
-def block_moments(x: np.ndarray) -> np.ndarray:
-    """(t, V, H, W) -> (V, 3) [count, mean, M2] per variable in float64, ignoring NaN/inf."""
+def layer_sums(x: np.ndarray) -> np.ndarray:
+    """(t, V, H, W) -> (t, V) float64 sum of each layer: one pass that serves the finite check and the mean."""
+    return x.reshape(*x.shape[:2], int(np.prod(x.shape[2:]))).sum(axis=-1, dtype=np.float64)
+
+
+def block_moments(x: np.ndarray, sums: np.ndarray | None = None) -> np.ndarray:
+    """(t, V, H, W) -> (V, 3) [count, mean, M2] per variable in float64, ignoring NaN/inf.
+
+    `sums` (`layer_sums(x)`, when the caller has them) saves the first of the two passes.
+    """
     flat = x.reshape(*x.shape[:2], int(np.prod(x.shape[2:])))
-    total = flat.sum(axis=(0, 2), dtype=np.float64)
+    total = (layer_sums(x) if sums is None else sums).sum(axis=0)
     if np.isfinite(total).all():  # the usual case: float64 accumulation straight from float32, no masks
         count = np.full(x.shape[1], flat.shape[0] * flat.shape[2], dtype=np.float64)
         mean = total / np.maximum(count, 1)
@@ -62,36 +73,66 @@ def grid_moments(layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.mean(axis=1), flat.std(axis=1)
 
 
-def _sampled_inputs(n: int, chunk: int, max_inputs: int) -> np.ndarray:
-    """Split positions to use: all of them, or evenly spread runs of up to `chunk` consecutive steps."""
-    if n <= max_inputs:
-        return np.arange(n)
-    run = min(chunk, max_inputs)
-    starts = np.linspace(0, n - run, max(1, max_inputs // run)).round().astype(int)
-    return np.unique((starts[:, None] + np.arange(run)[None]).ravel())
+@dataclass(frozen=True)
+class ChangePlan:
+    """Which target frames the change spread needs, at which spatial stride, stored how.
 
-
-def change_std(fields: xr.DataArray, train: np.ndarray, target_vars: list[int], leads_h: list[int],
-               max_inputs: int = MAX_INPUTS) -> tuple[np.ndarray, list[int]]:
-    """(n_leads, P) population std of fields[t + lead] - fields[t] per target, and the pairs per lead.
-
-    `fields` is the store's (time, var, lat, lon) array, `train` the sorted store indices of the
-    valid train steps. A lead with no pair inside them gets NaN (the trainer then falls back to the
-    target's own std and says so).
+    At most `MAX_INPUTS` input steps, evenly spread over the usable (valid, train) steps, and every
+    usable target step t + lead of them. The build's block tasks save these frames (target variables
+    only, every `stride`-th cell so a frame keeps at most `MAX_CELLS` cells) while the block is in
+    memory, each block into its own chunk of a (blocks, slots, P, h, w) array (one file per block:
+    one file per frame cost 40 ms a block, measured), so finalise reads a few MB instead of the store.
+    With few enough steps and cells (the demo, the tests) the estimate is exact.
     """
-    times = fields["time"].values[train]
-    inputs = _sampled_inputs(len(train), fields.data.chunks[0][0], max_inputs)
-    stds, pairs = [], []
-    for lead in leads_h:
-        later = times[inputs] + np.timedelta64(lead, "h")
-        pos = np.minimum(np.searchsorted(times, later), len(times) - 1)
-        found = times[pos] == later
-        pairs.append(int(found.sum()))
-        if not found.any():
-            stds.append(da.full(len(target_vars), np.nan))
-            continue
-        start = fields.data[train[inputs[found]]][:, target_vars]
-        end = fields.data[train[pos[found]]][:, target_vars]
-        stds.append(da.nanstd(end.astype(np.float64) - start.astype(np.float64), axis=(0, 2, 3)))
-    (result,) = dask.compute(da.stack(stds))
-    return np.asarray(result, dtype=np.float64), pairs
+
+    inputs: np.ndarray  # store indices of the sampled input steps
+    frames: np.ndarray  # sorted store indices of every frame needed (inputs and usable lead targets)
+    lead_steps: tuple[int, ...]
+    stride: int
+    block: int  # time steps per build block
+
+    @classmethod
+    def create(cls, usable: np.ndarray, lead_steps: list[int], grid: tuple[int, int], block: int,
+               max_inputs: int = MAX_INPUTS, max_cells: int = MAX_CELLS) -> "ChangePlan":
+        candidates = np.flatnonzero(usable)
+        picks = np.linspace(0, len(candidates) - 1, min(max_inputs, len(candidates))).round().astype(int)
+        inputs = np.unique(candidates[picks])
+        later = (inputs[:, None] + np.asarray(lead_steps, dtype=int)[None]).ravel()
+        later = later[later < len(usable)]
+        stride = max(1, math.ceil(math.sqrt(grid[0] * grid[1] / max_cells)))
+        return cls(inputs, np.union1d(inputs, later[usable[later]]), tuple(lead_steps), stride, block)
+
+    @property
+    def per_block(self) -> np.ndarray:
+        """Frames in each build block."""
+        return np.bincount(self.frames // self.block, minlength=int(self.frames.max(initial=0)) // self.block + 1)
+
+    def storage(self, n_blocks: int, n_targets: int, grid: tuple[int, int]) -> tuple[int, ...]:
+        """Shape of the stored frames, (blocks, slots, P, h, w); a chunk is one block."""
+        slots = max(1, int(self.per_block.max(initial=0)))
+        return n_blocks, slots, n_targets, -(-grid[0] // self.stride), -(-grid[1] // self.stride)
+
+    def block_frames(self, start: int, stop: int) -> np.ndarray:
+        """Store indices of the frames inside the time block [start, stop), in slot order."""
+        return self.frames[(self.frames >= start) & (self.frames < stop)]
+
+    def thin(self, targets: np.ndarray) -> np.ndarray:
+        """(..., H, W) -> every stride-th cell, as the frames keep them."""
+        return targets[..., ::self.stride, ::self.stride]
+
+    def gather(self, stored: np.ndarray) -> np.ndarray:
+        """(blocks, slots, ...) as written by the blocks -> (frames, ...) in the order of `frames`."""
+        return np.concatenate([stored[b, :n] for b, n in enumerate(self.per_block)]) if len(self.frames) else \
+            stored[:0, 0]
+
+    def spread(self, frames: Any) -> tuple[np.ndarray, list[int]]:
+        """(n_leads, P) population std of target changes per lead, and the pairs behind each (NaN: none)."""
+        stds, pairs = [], []
+        for k in self.lead_steps:
+            ok = np.isin(self.inputs + k, self.frames)
+            start, end = np.searchsorted(self.frames, self.inputs[ok]), np.searchsorted(self.frames, self.inputs[ok] + k)
+            moments = [block_moments(np.asarray(frames[end[i:i + 64]], np.float64) - frames[start[i:i + 64]])
+                       for i in range(0, len(start), 64)]
+            stds.append(merge_moments(np.stack(moments))[1] if moments else np.full(frames.shape[1], np.nan))
+            pairs.append(int(ok.sum()))
+        return np.stack(stds), pairs

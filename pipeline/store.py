@@ -70,7 +70,7 @@ def template(record: StoreRecord, times: np.ndarray, statics: Statics, time_chun
     data_vars = {}
     for out in (*TIME_OUTPUTS, *FINAL_OUTPUTS):
         shape = tuple(sizes[d] for d in out.dims)
-        chunks = tuple(time_chunk if d == "time" else -1 for d in out.dims)
+        chunks = tuple(time_chunk if d == "time" else dict(out.chunks).get(d, -1) for d in out.dims)
         data_vars[out.name] = (out.dims, da.zeros(shape, dtype=out.dtype_for(record), chunks=chunks), out.attrs)
     for out in STATIC_OUTPUTS:
         data_vars[out.name] = (out.dims, np.asarray(out.compute(statics), dtype=out.dtype_for(record)), out.attrs)

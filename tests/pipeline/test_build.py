@@ -23,7 +23,7 @@ from pipeline.cluster import slurm_cluster
 from pipeline.config import PipelineConfig, SlurmConfig, load_pipeline_config
 from pipeline.features import OUTPUTS
 from pipeline.scan import scan_orders
-from pipeline.statistics import block_moments, change_std, merge_moments
+from pipeline.statistics import ChangePlan, block_moments, merge_moments
 from pipeline.store import PROGRESS_GROUP, open_features, partial_path, read_record
 from tests.helpers import tiny_raw_config, write_config, write_synthetic_source
 from topoflow.errors import StoreError
@@ -64,7 +64,7 @@ def test_store_layout_follows_the_feature_table(built):
     assert list(ds["var"].values) == built.data.dynamic_names  # statics and coordinates are not in fields
     assert list(ds["static_var"].values) == ["elevation", "population"]
     assert (np.diff(ds["lat"].values) > 0).all() and ds["valid"].values.all()
-    assert ds["fields"].encoding["chunks"] == (16, 11, 8, 16)
+    assert ds["fields"].encoding["chunks"] == (16, 1, 8, 16)
     assert record.build_state == "complete" and record.layout.grid == (8, 16) and record.schema_version == 3
     assert record.provenance.config_hash and record.provenance.recipe["step_hours"] == 3
     assert record.history.endswith(f"(topoflow {record.provenance.package_version})")
@@ -159,16 +159,27 @@ def test_change_spread_is_recorded_and_matches_numpy(built):
         assert record.change_pairs[li] == len(idx) - k
 
 
-def test_change_spread_samples_runs_of_steps_and_marks_leads_longer_than_the_split(built):
-    ds, record = open_features(built.data.store)
-    index = np.arange(24)
-    got, pairs = change_std(ds.fields, index, record.target_index, [3, 999], max_inputs=10)
-    assert pairs[1] == 0 and np.isnan(got[1]).all()
-    inputs = np.arange(10)  # chunk 16 > max_inputs: one run of 10 consecutive steps
-    want = (ds.fields.values[inputs + 1][:, record.target_index].astype(np.float64)
-            - ds.fields.values[inputs][:, record.target_index]).std(axis=(0, 2, 3))
-    np.testing.assert_allclose(got[0], want, rtol=1e-9)
-    assert pairs[0] == 10
+def test_change_plan_samples_inputs_thins_cells_and_skips_unusable_targets():
+    usable = np.ones(100, dtype=bool)
+    usable[[10, 50]] = False  # gaps
+    usable[80:] = False  # past the train split
+    plan = ChangePlan.create(usable, [2, 40, 200], (40, 60), block=25, max_inputs=5, max_cells=600)
+    assert plan.inputs.tolist() == [0, 20, 39, 60, 79]  # evenly spread over the 78 usable steps
+    assert plan.stride == 2 and plan.storage(4, 3, (40, 60)) == (4, 4, 3, 20, 30)  # block 0 holds 0, 2, 20, 22
+    assert 79 + 2 not in plan.frames and 39 + 40 in plan.frames and 0 + 40 in plan.frames
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(100, 3, 40, 60)).astype(np.float32)
+    stored = np.full(plan.storage(4, 3, (40, 60)), np.nan, np.float32)
+    for b in range(4):  # as the build's block tasks store them
+        steps = plan.block_frames(25 * b, 25 * b + 25)
+        stored[b, :len(steps)] = plan.thin(full[steps])
+    np.testing.assert_array_equal(plan.gather(stored), plan.thin(full[plan.frames]))
+    std, pairs = plan.spread(plan.gather(stored))
+    assert pairs == [4, 3, 0] and np.isnan(std[2]).all()  # 79 + 2 is past the split; 200 steps has no pair
+    x = full[:, :, ::2, ::2].astype(np.float64)
+    want = np.concatenate([x[[i + 40]] - x[[i]] for i in (0, 20, 39)]).std(axis=(0, 2, 3))
+    np.testing.assert_allclose(std[1], want, rtol=1e-12)
+    assert plan.block_frames(25, 50).tolist() == [f for f in plan.frames if 25 <= f < 50]
 
 
 def test_merged_moments_are_nan_aware():
@@ -254,7 +265,7 @@ def test_zarr_format_2_on_request(tmp_path):
     build_features(cfg, progress=False)
     assert zarr.open_group(cfg.data.store).metadata.zarr_format == 2
     ds, _ = open_features(cfg.data.store)
-    assert ds["fields"].encoding["chunks"] == (48, 11, 8, 16)
+    assert ds["fields"].encoding["chunks"] == (48, 1, 8, 16)
     assert np.isfinite(ds["stats_std"].values).all()
 
 
