@@ -30,10 +30,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/pipeline.py
-	$(PY) benchmarks/loader.py
-	$(PY) benchmarks/attention.py
-	$(PY) benchmarks/train.py
+	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.loader
+	$(PY) -m benchmarks.attention
+	$(PY) -m benchmarks.train
 
 clean:
 	rm -rf $(VENV) data/demo runs/demo

@@ -25,16 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/pipeline.py would shadow the `pipeline` package while this folder is sys.path[0]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from model.attention import Attention  # noqa: E402
-from model.config import PhysicsConfig  # noqa: E402
-from model.net import Block  # noqa: E402
-from model.physics import PhysicsBias, TokenFields  # noqa: E402
+from model.attention import Attention
+from model.config import PhysicsConfig
+from model.net import Block
+from model.physics import PhysicsBias, TokenFields
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
 # glibc raises its mmap threshold after the first large free, after which freed (chunk x N) buffers
@@ -100,7 +97,8 @@ def cpu_suite(repeats: dict[int, int], threads: int) -> list[dict]:
     memory = {}
     for n in repeats:
         for case in CPU_CASES:
-            cmd = [sys.executable, __file__, "--memory-case", case, "--n", str(n), "--threads", str(threads)]
+            cmd = [sys.executable, "-m", "benchmarks.attention", "--memory-case", case, "--n", str(n),
+                   "--threads", str(threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=MALLOC_ENV).stdout
             memory[n, case] = json.loads(out.strip().splitlines()[-1])
     torch.set_num_threads(threads)

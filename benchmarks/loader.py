@@ -1,7 +1,7 @@
 """Loader throughput: ShardStream (0/1/2 workers) vs raw tar reads and xarray random access.
 
-Side by side in one run on the demo grid (32x64, 15 variables, 4 leads, 6-hourly Jan-Jun: ~480
-train samples), built inside the script with the real pipeline (synthetic source -> build ->
+Side by side in one run on the demo grid (32x64, 11 dynamic of 15 inputs, 4 leads, 6-hourly, the demo
+config's period), built inside the script with the real pipeline (synthetic source -> build ->
 shard). Reference points:
 - raw tar: every member of the same train shards read with `tarfile` (no decoding): the I/O limit;
 - xarray random access: `xarray.open_zarr` + `isel` per sample (input, targets at t + lead, scan
@@ -10,7 +10,7 @@ Also measured: sha256 of all train shards (the loader's once-per-process integri
 shard writer. Goals: loader >= 0.7x raw tar and >= 3x xarray random access. Medians of interleaved repeats;
 writes benchmarks/results/loader.json.
 
-Usage: .venv/bin/python benchmarks/loader.py [--repeats 3] [--workdir DIR]
+Usage: .venv/bin/python -m benchmarks.loader [--repeats 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -19,26 +19,22 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the repo's `pipeline` package, not benchmarks/pipeline.py
-from conftest import write_synthetic_source  # noqa: E402  (the tests' fast synthetic source writer)
-
-from pipeline.build import build_features  # noqa: E402
-from pipeline.config import load_pipeline_config  # noqa: E402
-from pipeline.shard import write_shards  # noqa: E402
-from pipeline.shardset import read_manifest, sha256_file  # noqa: E402
-from pipeline.store import open_features  # noqa: E402
-from train.data import ShardStream  # noqa: E402
+from pipeline.build import build_features
+from pipeline.config import load_pipeline_config
+from pipeline.shard import write_shards
+from pipeline.shardset import read_manifest
+from pipeline.store import open_features
+from tests.helpers import REPO, write_synthetic_source
+from topoflow.files import sha256_file
+from train.loader import ShardStream
 
 BATCH = 16
 
@@ -75,11 +71,11 @@ def raw_tar(shards: Path, names: list[str]) -> float:
 
 def xarray_random(cfg, n: int, seed: int) -> float:
     """Samples/s with open_zarr + isel per sample in random order (inputs, targets, orders, wind)."""
-    ds = open_features(cfg.data.store)
+    ds, _ = open_features(cfg.data.store)
     period = cfg.data.splits["train"]
     times = ds.time.values
     index = np.nonzero((times >= np.datetime64(period.start)) & (times <= np.datetime64(period.end)))[0]
-    steps = [lead // cfg.data.sample.step_hours for lead in cfg.data.leads_h]
+    steps = [lead // cfg.data.step_hours for lead in cfg.data.leads_h]
     tvars = list(cfg.data.targets)
     order = np.random.default_rng(seed).permutation(index[: len(index) - max(steps)])[:n]
     t0 = time.perf_counter()
@@ -109,11 +105,11 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         cfg, shards, shard_s = setup(workdir)
         manifest = read_manifest(shards)
-        train = manifest["splits"]["train"]["shards"]
-        names = [s["name"] for s in train]
-        n_train = sum(s["count"] for s in train)
-        n_all = sum(s["count"] for r in manifest["splits"].values() for s in r["shards"])
-        size = sum(s["bytes"] for s in train)
+        train = manifest.splits["train"].shards
+        names = [s.name for s in train]
+        n_train = sum(s.count for s in train)
+        n_all = sum(r.n_samples for r in manifest.splits.values())
+        size = sum(s.bytes for s in train)
         print(f"train: {n_train} samples, {len(names)} shards, {size / 2**20:.0f} MiB; "
               f"shard writer {n_all / shard_s:.0f} samples/s")
         raw_tar(shards, names)  # warm the page cache so every contender reads from memory
@@ -131,7 +127,8 @@ def main() -> None:
                 warm[w].append(epoch_rate(loader, repeat + 1))
     tar, xra = statistics.median(tar_rates), statistics.median(xr_rates)
     result = {
-        "grid": manifest["grid"], "variables": len(manifest["variables"]), "leads": len(manifest["leads_h"]),
+        "grid": list(manifest.store.layout.grid), "dynamic_variables": len(manifest.store.names("dynamic")),
+        "leads": len(manifest.store.leads_h),
         "train_samples": n_train, "shards": len(names), "shard_bytes": size, "batch_size": BATCH,
         "repeats": args.repeats, "shard_writer_samples_per_s": n_all / shard_s,
         "raw_tar_samples_per_s": tar, "xarray_random_samples_per_s": xra, "sha256_samples_per_s": sha_rate,

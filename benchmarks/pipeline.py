@@ -127,6 +127,44 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:  # noqa: ANN001
     return statistics.median(times), times
 
 
+def time_build_and_copy(cfg: PipelineConfig, workdir: Path, repeats: int) -> dict:
+    """Interleaved copy/build runs on one running cluster; medians, sizes and the worker count."""
+    copy_times, build_times = [], []
+    with dask_client(cfg.build) as client:  # the build's own cluster settings, started once for both
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            plain_copy(cfg, workdir / "copy.zarr")
+            copy_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            build_features(cfg, scheduler=client.scheduler.address, overwrite=True, progress=False)
+            build_times.append(time.perf_counter() - t0)
+            print(f"repeat {r}: copy {copy_times[-1]:.2f} s, build {build_times[-1]:.2f} s")
+        workers = len(client.scheduler_info()["workers"])
+    copy_s, build_s = statistics.median(copy_times), statistics.median(build_times)
+    steps = len(cfg.data.times())
+    return {"dask_workers": workers, "copy_s": copy_times, "build_s": build_times,
+            "copy_steps_per_s": steps / copy_s, "build_steps_per_s": steps / build_s,
+            "build_over_copy": build_s / copy_s, "build_goal_max_ratio": 1.3,
+            "store_mb": round(folder_mb(Path(cfg.data.store)), 1), "plain_copy_mb": round(folder_mb(workdir / "copy.zarr"), 1),
+            "schema2_layout_mb": round(schema2_fields_mb(cfg, workdir), 1)}
+
+
+def time_scan(cfg: PipelineConfig, src: xr.Dataset, repeats: int, loop_steps: int) -> dict:
+    """Vectorised scan orders per time block (as the build calls them) against the per-region loop."""
+    asc = src.sortby("latitude")
+    u, v = asc["u10"].values, asc["v10"].values
+    p, regions, chunk = cfg.data.patch_size, tuple(cfg.data.regions), cfg.build.time_chunk
+    vec_s, vec_times = median_time(lambda: [scan_orders(u[b:b + chunk], v[b:b + chunk], p, regions)
+                                            for b in range(0, len(u), chunk)], repeats)
+    k = loop_steps
+    loop_s, loop_times = median_time(lambda: loop_scan_orders(u[:k], v[:k], p, regions), repeats)
+    agree = bool((scan_orders(u[:k], v[:k], p, regions)[0] == loop_scan_orders(u[:k], v[:k], p, regions)).all())
+    vec_step, loop_step = vec_s / len(u), loop_s / k
+    return {"scan_vectorised_ms_per_step": vec_step * 1e3, "scan_loop_ms_per_step": loop_step * 1e3,
+            "scan_speedup": loop_step / vec_step, "scan_goal_min_speedup": 100, "scan_orders_agree": agree,
+            "scan_vectorised_s": vec_times, "scan_loop_s": loop_times}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=480, help="hourly time steps of the synthetic source (480: the "
@@ -141,55 +179,21 @@ def main() -> None:
     cfg = bench_config(workdir, args.steps, args.overrides)
     print(f"writing a synthetic {args.steps}x{cfg.data.domain.n_lat}x{cfg.data.domain.n_lon} source in {workdir} ...")
     src = write_synthetic_source(cfg)
-    source_mb = Path(cfg.data.raw).stat().st_size / 2**20
-
-    copy_times, build_times = [], []
-    with dask_client(cfg.build) as client:  # the build's own cluster settings, started once for both
-        for r in range(args.repeats):
-            t0 = time.perf_counter()
-            plain_copy(cfg, workdir / "copy.zarr")
-            copy_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            build_features(cfg, scheduler=client.scheduler.address, overwrite=True, progress=False)
-            build_times.append(time.perf_counter() - t0)
-            print(f"repeat {r}: copy {copy_times[-1]:.2f} s, build {build_times[-1]:.2f} s")
-        workers = len(client.scheduler_info()["workers"])
-    copy_s, build_s = statistics.median(copy_times), statistics.median(build_times)
-    store_mb, copy_mb, before_mb = folder_mb(Path(cfg.data.store)), folder_mb(workdir / "copy.zarr"), \
-        schema2_fields_mb(cfg, workdir)
-
-    asc = src.sortby("latitude")
-    u, v = asc["u10"].values, asc["v10"].values
-    p, regions = cfg.data.patch_size, tuple(cfg.data.regions)
-    blocks = range(0, len(u), cfg.build.time_chunk)  # as the build calls it: one time block per task
-    vec_s, vec_times = median_time(lambda: [scan_orders(u[b:b + cfg.build.time_chunk], v[b:b + cfg.build.time_chunk], p, regions)
-                                            for b in blocks], args.repeats)
-    k = args.loop_steps
-    loop_s, loop_times = median_time(lambda: loop_scan_orders(u[:k], v[:k], p, regions), args.repeats)
-    agree = bool((scan_orders(u[:k], v[:k], p, regions)[0] == loop_scan_orders(u[:k], v[:k], p, regions)).all())
-    vec_step, loop_step = vec_s / len(u), loop_s / k
-
-    result = {
-        "grid": list(cfg.data.layout.grid), "tokens": cfg.data.layout.n_tokens,
-        "regions": list(regions), "dynamic_variables": len(cfg.data.dynamic_names), "steps": args.steps,
-        "time_chunk": cfg.build.time_chunk, "dask_workers": workers, "source_mb": round(source_mb, 1),
-        "repeats": args.repeats,
-        "copy_s": copy_times, "build_s": build_times,
-        "copy_steps_per_s": args.steps / copy_s, "build_steps_per_s": args.steps / build_s,
-        "build_over_copy": build_s / copy_s, "build_goal_max_ratio": 1.3,
-        "store_mb": round(store_mb, 1), "plain_copy_mb": round(copy_mb, 1), "schema2_layout_mb": round(before_mb, 1),
-        "scan_vectorised_ms_per_step": vec_step * 1e3, "scan_loop_ms_per_step": loop_step * 1e3,
-        "scan_speedup": loop_step / vec_step, "scan_goal_min_speedup": 100, "scan_orders_agree": agree,
-        "scan_vectorised_s": vec_times, "scan_loop_s": loop_times,
-    }
+    result = {"grid": list(cfg.data.layout.grid), "tokens": cfg.data.layout.n_tokens, "regions": list(cfg.data.regions),
+              "dynamic_variables": len(cfg.data.dynamic_names), "steps": args.steps,
+              "time_chunk": cfg.build.time_chunk, "source_mb": round(Path(cfg.data.raw).stat().st_size / 2**20, 1),
+              "repeats": args.repeats, **time_build_and_copy(cfg, workdir, args.repeats),
+              **time_scan(cfg, src, args.repeats, args.loop_steps)}
     out = REPO / "benchmarks" / "results" / "pipeline.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"build {result['build_steps_per_s']:.1f} steps/s vs plain copy {result['copy_steps_per_s']:.1f} steps/s: "
           f"build/copy = {result['build_over_copy']:.2f}x (goal <= 1.3x)")
-    print(f"store {store_mb:.1f} MiB (schema-2 layout of the same data {before_mb:.1f} MiB, plain copy {copy_mb:.1f} MiB)")
-    print(f"scan orders {vec_step * 1e3:.3f} ms/step vectorised vs {loop_step * 1e3:.1f} ms/step loop: "
-          f"{result['scan_speedup']:.0f}x (goal >= 100x), identical: {agree}")
+    print(f"store {result['store_mb']:.1f} MiB (schema-2 layout of the same data {result['schema2_layout_mb']:.1f} MiB, "
+          f"plain copy {result['plain_copy_mb']:.1f} MiB)")
+    print(f"scan orders {result['scan_vectorised_ms_per_step']:.3f} ms/step vectorised vs "
+          f"{result['scan_loop_ms_per_step']:.1f} ms/step loop: {result['scan_speedup']:.0f}x (goal >= 100x), "
+          f"identical: {result['scan_orders_agree']}")
     print(f"wrote {out}")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -6,7 +6,7 @@ writes, rename), into a temporary folder. Reported: wall seconds, simulated hour
 grids (16x the cells), CPU seconds beside wall seconds (the machine is shared), and the peak resident memory of the process (bounded by the time-block
 writes, not by the period). Writes benchmarks/results/sample.json.
 
-Usage: .venv/bin/python benchmarks/sample.py [--demo-days 365] [--china-days 5]
+Usage: .venv/bin/python -m benchmarks.sample [--demo-days 365] [--china-days 5]
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0:1] = [str(REPO)]  # this folder would otherwise shadow the `pipeline` package
-
-from pipeline.config import load_pipeline_config  # noqa: E402
-from pipeline.sample import SPINUP_DAYS, write_sample  # noqa: E402
+from pipeline.config import load_pipeline_config
+from pipeline.sample.write import SPINUP_DAYS, write_sample
+from tests.helpers import REPO
 
 HOURS_PER_YEAR = 8760
 
@@ -35,8 +32,7 @@ def measure(config: str, days: int, workdir: Path) -> dict:
     end = pd.Timestamp("2018-01-01") + pd.Timedelta(days=days) - pd.Timedelta(hours=1)
     overrides = [
         f"data.raw={workdir / Path(config).stem}.nc",
-        f'data.sample.period={{start: "2018-01-01T00:00", end: "{end:%Y-%m-%dT%H:%M}"}}',
-        "data.sample.step_hours=1",
+        "data.step_hours=1",
         f'data.splits={{train: {{start: "2018-01-01T00:00", end: "{end:%Y-%m-%dT%H:%M}"}}}}',
     ]
     cfg = load_pipeline_config(REPO / config, overrides)

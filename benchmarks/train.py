@@ -7,7 +7,7 @@
 Repeats are interleaved (A, B, A, B, ...) so a change in machine load hits both sides; ratios are of
 medians. Needs a shard set: run `make demo` (or `python -m pipeline shard --config C`) first.
 
-    .venv/bin/python benchmarks/train.py [--config configs/demo.yaml] [--set key=value ...]
+    .venv/bin/python -m benchmarks.train [--config configs/demo.yaml] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -17,24 +17,20 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-# This script is named like the `train` package it measures: keep its own folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.config import add_override_argument  # noqa: E402
-from train.config import ExperimentConfig, load_experiment_config  # noqa: E402
-from train.data import Batch, ShardStream, Static, load_static  # noqa: E402
-from train.fit import loader_workers, training_loss  # noqa: E402
-from train.loss import latitude_weights  # noqa: E402
-from train.net import build_model  # noqa: E402
-from train.optim import build_optimizer  # noqa: E402
-from train.residual import residual_scale  # noqa: E402
+from topoflow.config import add_override_argument
+from train.batch import Batch
+from train.config import ExperimentConfig, load_experiment_config
+from train.loader import ShardStream, loader_workers
+from train.net import build_model
+from train.optim import build_optimizer
+from train.shards import ShardSet, load_shard_set
+from train.step import StepContext, training_loss
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
@@ -42,19 +38,17 @@ RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 class Stepper:
     """A model + optimiser that runs timed training steps over any batch source."""
 
-    def __init__(self, cfg: ExperimentConfig, static: Static, physics: bool) -> None:
+    def __init__(self, cfg: ExperimentConfig, shards: ShardSet, physics: bool) -> None:
         torch.manual_seed(0)
         model_cfg = cfg.model.model_copy(update={"physics": cfg.model.physics.model_copy(update={"enabled": physics})})
-        self.net = build_model(model_cfg, static)
+        self.net = build_model(model_cfg, shards)
         self.opt = build_optimizer(self.net, cfg.train)
-        self.static, self.scan = static, model_cfg.scan
-        self.scale = residual_scale(static) if cfg.train.residual else None
-        self.lat_w = latitude_weights(static.lat)
+        self.ctx = StepContext.create(shards, model_cfg.scan, cfg.train.residual, "fp32", torch.device("cpu"))
 
     def samples_per_s(self, batches: Iterator[Batch], steps: int) -> float:
         start, count = time.perf_counter(), 0
         for batch in itertools.islice(batches, steps):
-            loss = training_loss(self.net, batch, self.static, self.scan, self.scale, self.lat_w)
+            loss = training_loss(self.net, batch, self.ctx)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -85,14 +79,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     cfg = load_experiment_config(args.config, args.overrides)
-    static = load_static(cfg.data.shards)
+    shards = load_shard_set(cfg.data.shards)
     tcfg = cfg.train
-    workers = loader_workers(static, "train", 1, tcfg.num_workers)
+    workers = loader_workers(shards, "train", 1, tcfg.num_workers)
     stream = endless(ShardStream(cfg.data.shards, "train", tcfg.batch_size, mode="train", seed=tcfg.seed,
                                  num_workers=workers, shuffle_buffer=tcfg.shuffle_buffer))
     memory_batches = list(itertools.islice(stream, args.steps))
     memory = itertools.cycle(memory_batches)
-    physics, plain = Stepper(cfg, static, True), Stepper(cfg, static, False)
+    physics, plain = Stepper(cfg, shards, True), Stepper(cfg, shards, False)
     for source in (stream, memory):  # warm-up: worker start, allocator, first-call kernels
         physics.samples_per_s(source, 2)
     plain.samples_per_s(memory, 2)

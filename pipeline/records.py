@@ -9,9 +9,9 @@ each differing key, so build, shard, fit, evaluate and resume refuse mismatches 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pipeline.config import DataConfig, DomainConfig, TimeRange, VariableKind
 from topoflow.config import Strict
@@ -19,11 +19,25 @@ from topoflow.errors import TopoFlowError
 from topoflow.layout import PatchLayout
 
 SCHEMA_VERSION = 3
+Record = TypeVar("Record", bound=BaseModel)
 BuildState = Literal["building", "complete"]
 # facts a config determines, compared by `mismatch`; a checkpoint cares only about the model-shaping ones
 CONFIG_FACTS = ("domain", "step_hours", "layout", "sectors", "calm_threshold", "variables", "targets", "wind",
                 "leads_h", "splits")
 MODEL_FACTS = ("domain", "layout", "variables", "targets", "leads_h")
+
+
+def parse_record(model: type[Record], raw: Any, where: str, error: type[TopoFlowError], fix: str) -> Record:
+    """A schema-3 record from JSON data; another schema version or damaged data is `error` naming `fix`."""
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise error(f"{where} has schema version {version}, this code reads {SCHEMA_VERSION}: {fix}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise error(f"{where} is damaged ({exc.error_count()} problem(s), first: {first['loc']}: {first['msg']}): "
+                    f"{fix}") from None
 
 
 class VariableRecord(Strict):
@@ -119,17 +133,10 @@ class StoreRecord(Strict):
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str, error: type[TopoFlowError]) -> "StoreRecord":
         """Parse a store's root attrs; another schema or a foreign group is `error` naming the fix."""
-        version = attrs.get("schema_version")
-        if version is None:
+        if "schema_version" not in attrs:
             raise error(f"{where} is not a feature store written by `python -m pipeline build`: rebuild it")
-        if version != SCHEMA_VERSION:
-            raise error(f"{where} has schema version {version}, this code reads {SCHEMA_VERSION}: rebuild it with "
-                        "`python -m pipeline build --config CONFIG --overwrite` (then re-shard)")
-        try:
-            return cls.model_validate(attrs)
-        except ValidationError as exc:
-            raise error(f"{where}: its record is damaged ({exc.error_count()} problem(s), first: "
-                        f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}); rebuild it with --overwrite") from None
+        return parse_record(cls, attrs, where, error, "rebuild it with `python -m pipeline build --config CONFIG "
+                                                      "--overwrite` (then re-shard)")
 
     def names(self, kind: VariableKind) -> list[str]:
         return [v.name for v in self.variables if v.kind == kind]

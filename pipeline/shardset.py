@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from pydantic import ValidationError
-
 from pipeline.codec import SAMPLE_MEMBERS, decode_sample, member_shapes
-from pipeline.records import SCHEMA_VERSION, ManifestRecord, ShardEntry
+from pipeline.records import ManifestRecord, ShardEntry, parse_record
 from topoflow.errors import ShardSetError, TopoFlowError
 from topoflow.files import atomic_write_json, sha256_file
 
@@ -59,16 +57,8 @@ def read_manifest(path: str | Path) -> ManifestRecord:
         raw = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardSetError(f"{mpath} is not valid JSON ({exc}): {FIX}") from None
-    version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ShardSetError(f"{mpath} has schema version {version}, this code reads {SCHEMA_VERSION}: rebuild the "
-                            "store (`python -m pipeline build --config CONFIG --overwrite`), then re-shard it")
-    try:
-        return ManifestRecord.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ShardSetError(f"{mpath} is damaged ({exc.error_count()} problem(s), first: {first['loc']}: "
-                            f"{first['msg']}): {FIX}") from None
+    return parse_record(ManifestRecord, raw, str(mpath), ShardSetError, "rebuild the store (`python -m pipeline "
+                        "build --config CONFIG --overwrite`), then re-shard it")
 
 
 def write_manifest(root: Path, manifest: ManifestRecord) -> None:
