@@ -74,7 +74,7 @@ def schema2_fields_mb(cfg: PipelineConfig, workdir: Path) -> float:
     """Size of the same inputs in the schema-2 layout: 15 channels per step, statics and coordinates
     broadcast over time (what `fields` held before schema 3), written with the store's codec."""
     store = xr.open_zarr(cfg.data.store)
-    n_time, (h, w) = store.sizes["time"], cfg.data.layout.grid
+    h, w = cfg.data.layout.grid
     lat2d, lon2d = np.meshgrid(store.lat.values, store.lon.values, indexing="ij")
     extra = xr.DataArray(np.concatenate([store["static"].values, lat2d[None], lon2d[None]]).astype(np.float32),
                          dims=("var", "lat", "lon"))

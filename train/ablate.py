@@ -9,7 +9,6 @@ any dataset.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from topoflow.errors import TrainingError
+from topoflow.files import atomic_write_bytes, atomic_write_json
 from train.checkpoint import LAST
 from train.config import ExperimentConfig, load_experiment_config
 from train.distributed import DistEnv, init_distributed
@@ -79,9 +79,9 @@ def ablate(config_path: Path, overrides: list[str], *, progress: bool = True, en
     md = root / "ablation.md"
     if env.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        (root / "ablation.json").write_text(json.dumps(summary, indent=2))
-        md.write_text(f"# Ablation ({len(cfg.ablate.seeds)} seeds, best val loss per run)\n\n"
-                      f"{table(results, cfg.ablate.seeds)}\n\n{summary['verdict']}\n")
+        atomic_write_json(root / "ablation.json", summary, sort_keys=False)
+        atomic_write_bytes(md, f"# Ablation ({len(cfg.ablate.seeds)} seeds, best val loss per run)\n\n"
+                               f"{table(results, cfg.ablate.seeds)}\n\n{summary['verdict']}\n".encode())
         print(table(results, cfg.ablate.seeds))
         print(summary["verdict"])
     return md

@@ -25,8 +25,8 @@ from topoflow.files import atomic_write_bytes, atomic_write_json
 from train.checkpoint import check_data, default_checkpoint, load_checkpoint
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_reduce_sum, init_distributed
-from train.fit import setup_logging
 from train.loader import ShardStream, loader_workers
+from train.logs import setup_logging
 from train.metrics import SkillAccumulator, exceedance_threshold
 from train.net import build_model, check_shards
 from train.report import markdown_report, plot_alphas, plot_maps, plot_rmse_by_lead, plot_scan_order

@@ -10,7 +10,6 @@ anywhere restarts from it and replays the same batches with the same random numb
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
 import time
@@ -22,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from model import load_pretrained
@@ -33,6 +31,7 @@ from train.checkpoint import (LAST, best_checkpoints, check_data, load_checkpoin
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from train.loader import ShardStream, loader_workers
+from train.logs import ScalarLog, setup_logging
 from train.net import build_model, check_shards
 from train.optim import build_optimizer, build_scheduler
 from train.residual import zero_init_output
@@ -54,20 +53,6 @@ class FitResult:
     model: nn.Module
 
 
-def setup_logging(run_dir: Path, is_main: bool) -> None:
-    """Rank 0 logs to stderr and run_dir/train.log; other ranks only warn. Replaces earlier handlers
-    (several fits in one process, e.g. an ablation, each log to their own run_dir)."""
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            log.addHandler(handler)
-
-
 def _trainable_after_freeze(net: nn.Module, newly_initialised: list[str]) -> None:
     """Freeze everything loaded from init_from except the head: train the head and what was missing."""
     keep = set(newly_initialised)
@@ -76,35 +61,6 @@ def _trainable_after_freeze(net: nn.Module, newly_initialised: list[str]) -> Non
     n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
     log.info("freeze_backbone: %d of %d parameters trainable (%s + head)", n_train,
              sum(p.numel() for p in net.parameters()), sorted(keep) or "nothing new")
-
-
-class ScalarLog:
-    """CSV (run_dir/metrics.csv) + TensorBoard scalars, rank 0 only; columns fixed at start."""
-
-    def __init__(self, run_dir: Path, alpha_names: list[str], resume_step: int | None) -> None:
-        self.path = run_dir / "metrics.csv"
-        self.columns = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s",
-                        *[f"alpha/{n}" for n in alpha_names]]
-        if resume_step is not None and self.path.is_file():  # drop rows the killed run wrote after its checkpoint
-            with open(self.path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        else:
-            rows = []
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
-
-    def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, self.columns).writerow({k: row.get(k, "") for k in self.columns})
-        for key, value in row.items():
-            if key not in ("step", "epoch") and value is not None:
-                self.tb.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        self.tb.close()
 
 
 def alpha_scalars(net: nn.Module) -> dict[str, float]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from topoflow.layout import ScanMode
 from train.batch import Batch
-from train.distributed import DistEnv, all_reduce_sum
+from train.distributed import all_reduce_sum
 from train.inputs import InputAssembler
 from train.loader import ShardStream
 from train.loss import latitude_weights, weighted_mse, weighted_sq_sums

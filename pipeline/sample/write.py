@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from pipeline.sample.simulate import Grid, Simulation, make_surface
 from pipeline.sample.terrain import regrid_elevation
 from topoflow.config import add_override_argument
 from topoflow.errors import ConfigError
+from topoflow.files import sha256_json
 
 SPINUP_DAYS = 10  # simulated before the first time step so the first fields are not clean air
 FINGERPRINT_ATTR = "sample_fingerprint"
@@ -83,7 +83,7 @@ def fingerprint(cfg: PipelineConfig) -> str:
         "variables": [v.model_dump(mode="json") for v in d.variables],
         "static": d.static.model_dump(mode="json"),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_json(parts)[:16]
 
 
 def _unit_transform(name: str, units: str) -> tuple[float, float]:

@@ -114,7 +114,7 @@ def test_flow_toward_east_orders_west_to_east():
     u, v = np.full((8, 16), 5.0, np.float32), np.zeros((8, 16), np.float32)
     order, sector = scan_orders(u, v, 2, (2, 2))
     assert (sector == 0).all()
-    gh, gw, rh, rw = 4, 8, 2, 4
+    gw, rh, rw = 8, 2, 4
     row, col = np.divmod(order.reshape(4, rh * rw), gw)
     assert (np.diff(col, axis=1) >= 0).all()  # columns never step back west inside a region
     # first region: column 0 (rows 0, 1 in raster order), then column 1, ...

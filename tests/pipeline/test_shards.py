@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import xarray as xr
 import zarr
 
 from pipeline.__main__ import main as pipeline_main

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-import zarr
 
 from pipeline.build import build_features
 from pipeline.config import PipelineConfig, load_pipeline_config
