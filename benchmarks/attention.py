@@ -23,17 +23,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import save_result
 from model.attention import Attention
 from model.config import PhysicsConfig
 from model.net import Block
 from model.physics import PhysicsBias, TokenFields
 
-RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
 # glibc raises its mmap threshold after the first large free, after which freed (chunk x N) buffers
 # stay in a fragmented heap and RSS reflects allocation history rather than live memory; a fixed
 # threshold makes the peak figures measure what each path really holds (applied to every case).
@@ -179,11 +178,8 @@ def main() -> int:
     else:
         gpu = {"skipped": "no CUDA device: the flex vs sdpa vs plain bf16 comparison at N=8192 needs a GPU"}
         print("GPU part skipped: no CUDA device (flex vs sdpa vs plain, bf16, N=8192 runs when CUDA is available)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"cpu": rows, "threads": args.threads, "goals": goals, "gpu": gpu, "torch": torch.__version__}, indent=1))
-    tmp.replace(RESULTS)
-    print(f"wrote {RESULTS}")
+    save_result("attention", {"cpu": rows, "threads": args.threads, "goals": goals, "gpu": gpu,
+                              "torch": torch.__version__})
     return 0
 
 

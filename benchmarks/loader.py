@@ -16,7 +16,6 @@ Usage: .venv/bin/python -m benchmarks.loader [--repeats 3] [--workdir DIR]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tarfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks import save_result
 from pipeline.build import build_features
 from pipeline.config import load_pipeline_config
 from pipeline.shard import write_shards
@@ -142,10 +142,7 @@ def main() -> None:
     for w, res in result["loader"].items():
         print(f"loader {w} workers: {res['warm_samples_per_s']:.0f}/s warm ({res['first_epoch_samples_per_s']:.0f}/s "
               f"first epoch) = {res['vs_raw_tar']:.2f}x raw tar, {res['vs_xarray_random']:.1f}x xarray random access")
-    out = REPO / "benchmarks" / "results" / "loader.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save_result("loader", result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Usage: .venv/bin/python -m benchmarks.pipeline [--steps 480] [--repeats 3] [--wo
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 import xarray as xr
 import yaml
 
+from benchmarks import save_result
 from pipeline.build import build_features
 from pipeline.cluster import dask_client
 from pipeline.config import PipelineConfig, load_pipeline_config
@@ -184,9 +184,7 @@ def main() -> None:
               "time_chunk": cfg.build.time_chunk, "source_mb": round(Path(cfg.data.raw).stat().st_size / 2**20, 1),
               "repeats": args.repeats, **time_build_and_copy(cfg, workdir, args.repeats),
               **time_scan(cfg, src, args.repeats, args.loop_steps)}
-    out = REPO / "benchmarks" / "results" / "pipeline.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save_result("pipeline", result)
     print(f"build {result['build_steps_per_s']:.1f} steps/s vs plain copy {result['copy_steps_per_s']:.1f} steps/s: "
           f"build/copy = {result['build_over_copy']:.2f}x (goal <= 1.3x)")
     print(f"store {result['store_mb']:.1f} MiB (schema-2 layout of the same data {result['schema2_layout_mb']:.1f} MiB, "
@@ -194,7 +192,6 @@ def main() -> None:
     print(f"scan orders {result['scan_vectorised_ms_per_step']:.3f} ms/step vectorised vs "
           f"{result['scan_loop_ms_per_step']:.1f} ms/step loop: {result['scan_speedup']:.0f}x (goal >= 100x), "
           f"identical: {result['scan_orders_agree']}")
-    print(f"wrote {out}")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks import save_result
 from pipeline.config import load_pipeline_config
 from pipeline.sample.write import SPINUP_DAYS, write_sample
 from tests.helpers import REPO
@@ -69,9 +70,7 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     print(json.dumps(result, indent=2))
-    out = REPO / "benchmarks" / "results" / "sample.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save_result("sample", result)
 
 
 if __name__ == "__main__":

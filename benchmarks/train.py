@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from benchmarks import save_result
 from topoflow.config import add_override_argument
 from train.batch import Batch
 from train.config import ExperimentConfig, load_experiment_config
@@ -32,7 +32,6 @@ from train.optim import build_optimizer
 from train.shards import ShardSet, load_shard_set
 from train.step import StepContext, training_loss
 
-RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
 
 class Stepper:
@@ -111,13 +110,11 @@ def main() -> None:
         "physics_ratio": med["memory"] / med["physics_off"],
         "goals": {"loader_ratio": 0.9, "physics_ratio": 0.75},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    save_result("train", result)
     print(f"stream {med['stream']:.2f} vs memory {med['memory']:.2f} samples/s -> loader ratio "
           f"{result['loader_ratio']:.3f} (goal >= 0.9)")
     print(f"physics {med['memory']:.2f} vs physics off {med['physics_off']:.2f} samples/s -> physics ratio "
           f"{result['physics_ratio']:.3f} (goal >= 0.75)")
-    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
