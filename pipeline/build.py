@@ -1,10 +1,11 @@
-"""`python -m pipeline build`: raw source -> features.zarr on Dask, in three steps (anemoi's
-init / load / finalise).
+"""`python -m pipeline build`: raw sources -> features.zarr on Dask, in three steps (anemoi's
+init / load / finalise), after every source was checked (`pipeline.sources.describe_sources`).
 
 - init: the template (metadata, coordinates, every static array, empty time arrays) and the
   progress record are written into a temporary directory, then renamed to `<store>.partial`, so a
   partial build either exists whole or not at all.
-- load: one Dask task per time block (= one Zarr chunk) reads each source variable once, computes
+- load: one Dask task per time block (= one Zarr chunk) reads each source variable once (regridded,
+  aligned in time, derived, converted: `pipeline.sources.read_block`), computes
   every time output of the feature table, writes them with Zarr region writes and returns the
   block's train moments; the main process records each finished block, so a killed build resumes
   where it stopped.
@@ -32,9 +33,10 @@ from tqdm import tqdm
 from pipeline.cluster import dask_client
 from pipeline.config import PipelineConfig, load_pipeline_config
 from pipeline.features import TIME_OUTPUTS, Block, Statics
-from pipeline.fingerprint import fingerprint
-from pipeline.records import Provenance, SourceRecord, StoreRecord
-from pipeline.source import check_finite, describe_source, read_block
+from pipeline.records import Provenance, StoreRecord
+from pipeline.sources import SourceSummary, describe_sources, read_block
+from pipeline.sources.plan import SourcePlan
+from pipeline.sources.read import check_finite
 from pipeline.statistics import N_MOMENTS, ChangePlan, block_moments, grid_moments, layer_sums, merge_moments
 from pipeline.store import PROGRESS_GROUP, consolidate, encodings, partial_path, read_record, template
 from topoflow.config import add_override_argument, config_hash
@@ -52,14 +54,17 @@ def _git_version() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
-def provenance(cfg: PipelineConfig) -> Provenance:
-    """Sources with content fingerprints, the full data recipe, byte-shaping build settings, versions."""
+def provenance(cfg: PipelineConfig, found: SourceSummary) -> Provenance:
+    """Sources with content fingerprints, unit conversions, the full data recipe, byte-shaping build
+    settings, versions."""
     recipe = cfg.data.model_dump(mode="json", exclude={"store", "shards"})
+    conversions = {name: c.text for name, c in found.plan.conversions.items() if c.text}
     return Provenance(
-        sources=[SourceRecord(path=str(cfg.data.raw), fingerprint=fingerprint(Path(cfg.data.raw)))],
+        sources=found.sources,
+        conversions=conversions,
         recipe=recipe,
         build=cfg.build.model_dump(mode="json", include=set(LAYOUT_KEYS)),
-        config_hash=config_hash(cfg.data.model_copy(update={"store": Path(), "shards": Path()})),
+        config_hash=config_hash(cfg.data.model_copy(update={"store": Path(), "shards": Path(), "sample": None})),
         package_version=importlib.metadata.version("topoflow"),
         git=_git_version(),
         versions={m.__name__: m.__version__ for m in (np, xr, zarr)},
@@ -72,7 +77,7 @@ def differences(old: StoreRecord, new: StoreRecord, cfg: PipelineConfig) -> list
     before = [s.fingerprint for s in old.provenance.sources]
     now = [s.fingerprint for s in new.provenance.sources]
     if before != now:  # by content, not by path: a copy of the same files elsewhere is the same source
-        lines.append(f"sources {[s.path for s in new.provenance.sources]}: content fingerprints {before} -> {now}")
+        lines.append(f"sources {[s.name for s in new.provenance.sources]}: content fingerprints {before} -> {now}")
     lines += [f"build.{k}: stored {old.provenance.build.get(k)}, config {new.provenance.build[k]}"
               for k in LAYOUT_KEYS if old.provenance.build.get(k) != new.provenance.build[k]]
     return lines
@@ -116,19 +121,25 @@ def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_block(cfg: PipelineConfig, record: StoreRecord, plan: ChangePlan, path: str, start: int, stop: int
+def _read(sources: SourcePlan, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        fields, valid, _ = read_block(sources, times)
+    except OSError as exc:
+        raise SourceError(f"reading the sources failed at {np.datetime_as_string(times[0], 'm')} ({exc}); a file is "
+                          "truncated or corrupt: re-download or regenerate it, then rerun build (finished blocks are kept)"
+                          ) from exc
+    return fields, valid
+
+
+def build_block(sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path: str, start: int, stop: int
                 ) -> np.ndarray:
     """One build task: read the block's sources once, write every time output and the block's change
     frames, return its train moments."""
-    times = cfg.data.times().values[start:stop]
-    try:
-        fields, valid = read_block(cfg, times)
-    except OSError as exc:
-        raise SourceError(f"reading the raw source {cfg.data.raw} failed at {times[0]} ({exc}); the file is "
-                          "truncated or corrupt: re-download or regenerate it, then rerun build (finished blocks are kept)"
-                          ) from exc
+    times = sources.data.times().values[start:stop]
+    fields, valid = _read(sources, times)
     sums = layer_sums(fields)
-    check_finite(sums[valid], record.names("dynamic"), times[valid])
+    names = [f"{v.name!r} (from {v.recipe_name!r})" for v in sources.data.variables if v.kind == "dynamic"]
+    check_finite(sums[valid], names, times[valid])
     block = Block(record, fields, valid)
     try:
         group = zarr.open_group(path, mode="r+")
@@ -148,7 +159,8 @@ def build_block(cfg: PipelineConfig, record: StoreRecord, plan: ChangePlan, path
     return block_moments(fields[in_train], sums[in_train])
 
 
-def load(path: Path, record: StoreRecord, cfg: PipelineConfig, scheduler: str | None, progress: bool) -> None:
+def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePlan, scheduler: str | None,
+         progress: bool) -> None:
     """Run the build task of every block not yet done; record each one as it finishes."""
     group = zarr.open_group(str(path / PROGRESS_GROUP), mode="r+")
     done, moments = group["done"], group["moments"]
@@ -159,7 +171,7 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, scheduler: str | 
     errors: dict[int, BaseException] = {}
     plan = change_plan(record, cfg)
     with dask_client(cfg.build, scheduler) as client:
-        futures = {client.submit(build_block, cfg, record, plan, str(path), i * chunk, min((i + 1) * chunk, n_times),
+        futures = {client.submit(build_block, sources, record, plan, str(path), i * chunk, min((i + 1) * chunk, n_times),
                                  key=f"build-block-{i}-{os.getpid()}", pure=False): i for i in todo}
         with tqdm(total=done.shape[0], initial=done.shape[0] - len(todo), unit="block", desc="build",
                   disable=not progress) as bar:
@@ -222,9 +234,9 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
     A store or unfinished build from a different config/source is refused unless overwrite=True.
     """
     final = Path(cfg.data.store)
-    found = describe_source(cfg)
-    new = StoreRecord.create(cfg.data, provenance(cfg), found.variables).model_copy(
-        update={"missing_times": found.missing_times})
+    found = describe_sources(cfg.data)
+    new = StoreRecord.create(cfg.data, provenance(cfg, found), found.variables).model_copy(
+        update={"missing_times": found.missing_times, "filled_times": found.filled_times})
     if final.exists() and not overwrite:
         old = read_record(final)
         why = differences(old, new, cfg)
@@ -233,7 +245,7 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
                              "\npass --overwrite to rebuild it, or set data.store to a new path")
         if old.build_state == "complete":
             if progress:
-                print(f"{final} is up to date (config and source unchanged)")
+                print(f"{final} is up to date (config and sources unchanged)")
             return final
     path = partial_path(final)
     record = _resumable(path, new, cfg, overwrite)
@@ -241,7 +253,7 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
         record = new
         path.parent.mkdir(parents=True, exist_ok=True)
         init(path, record, Statics(record, found.static, found.elevation, found.loss_mask), cfg)
-    load(path, record, cfg, scheduler, progress)
+    load(path, record, cfg, found.plan, scheduler, progress)
     finalise(path, final, record, cfg)
     return final
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from pipeline.recipe import Recipe
 from topoflow.config import Strict, load_sections
 from topoflow.layout import PatchLayout, check_divisible
 
@@ -27,21 +28,25 @@ class VariableSpec(Strict):
     """One model input variable and where it comes from.
 
     kind: `dynamic` (time, lat, lon; stored in `fields`), `static` (lat, lon; stored once in `static`)
-    or `coordinate` (lat2d / lon2d, derived from the grid, never stored).
+    or `coordinate` (lat2d / lon2d, derived from the grid, never stored). `units` are the units the
+    store holds it in: the build converts from the source's units. `source` is the recipe name that
+    provides it (`pipeline.recipe`), by default its own name.
     """
 
     name: str
-    source: str | None = None
     units: str
     kind: VariableKind = "dynamic"
+    source: str | None = None
 
     @model_validator(mode="after")
-    def _source_required(self) -> "VariableSpec":
-        if self.kind != "coordinate" and not self.source:
-            raise ValueError(f"variable {self.name!r}: `source` is required for kind {self.kind!r}")
+    def _coordinates(self) -> "VariableSpec":
         if self.kind == "coordinate" and self.name not in COORDINATES:
             raise ValueError(f"variable {self.name!r}: kind 'coordinate' only exists for {COORDINATES}")
         return self
+
+    @property
+    def recipe_name(self) -> str:
+        return self.source or self.name
 
 
 class DomainConfig(Strict):
@@ -76,31 +81,22 @@ class TimeRange(Strict):
 
 
 class SampleConfig(Strict):
-    """The embedded simulated source written by `python -m pipeline sample` (over data.period)."""
+    """The embedded sample written by `python -m pipeline sample` over data.period: ERA5-like and
+    CAMS-like files (and statics) under `dir`, in the real downloads' conventions."""
 
+    dir: Path
     seed: int = 0
 
 
-class StaticSpec(Strict):
-    """Static fields of the source (no time dim) that are not model inputs: the barrier's elevation
-    and the loss mask."""
+class DataConfig(Recipe):
+    """What the data is: sources recipe, grid, time step, variables, targets, leads, patches, regions, splits."""
 
-    elevation: str = "z_sfc"
-    elevation_units: str = "m"
-    loss_mask: str | None = "land_sea_mask"
-
-
-class DataConfig(Strict):
-    """What the data is: source, grid, time step, variables, targets, leads, patches, regions, splits."""
-
-    raw: Path
     store: Path
     shards: Path
     domain: DomainConfig
     step_hours: int = Field(default=1, gt=0, description="the common time step of the store, in hours")
     sample: SampleConfig | None = None
     variables: list[VariableSpec]
-    static: StaticSpec = StaticSpec()
     targets: list[str] = list(POLLUTANTS)
     leads_h: list[int] = [12, 24, 48, 96]
     patch_size: int = Field(default=2, gt=0)
@@ -128,6 +124,11 @@ class DataConfig(Strict):
         check_divisible((self.domain.n_lat, self.domain.n_lon), self.patch_size, self.regions)
         if "train" not in self.splits:
             raise ValueError("splits must define `train` (statistics are computed over it)")
+        missing = [f"{v.name} (from {v.recipe_name!r})" for v in self.variables
+                   if v.kind != "coordinate" and v.recipe_name not in self.pool]
+        if missing:
+            raise ValueError(f"variables {missing} come from no source, derived variable or built-in: add them to a "
+                             f"source's `variables`, to `derived`, or set their `source`; known: {self.pool}")
         return self
 
     @property

@@ -51,16 +51,19 @@ class VariableRecord(Strict):
 
 
 class SourceRecord(Strict):
-    """One raw source the store was built from, and its content fingerprint (pipeline.fingerprint)."""
+    """One source the store was built from: how many files, how it was regridded, its content fingerprint."""
 
-    path: str
+    name: str
+    files: int
+    regrid: str
     fingerprint: str
 
 
 class Provenance(Strict):
-    """Where the store came from: sources, the full data recipe, build settings and software versions."""
+    """Where the store came from: sources, conversions, the full data recipe, build settings, versions."""
 
     sources: list[SourceRecord]
+    conversions: dict[str, str] = {}  # variable -> how its units were converted (mixing ratio -> concentration ...)
     recipe: dict[str, Any]
     build: dict[str, Any]
     config_hash: str
@@ -88,7 +91,8 @@ class StoreRecord(Strict):
     splits: dict[str, TimeRange]
     change_std: list[list[float | None]] | None = None  # (n_leads, P) train-period spread of target changes
     change_pairs: list[int] | None = None  # (t, t + lead) pairs behind each lead's change_std
-    missing_times: list[str] = []
+    missing_times: list[str] = []  # store times some source lacks: gaps, valid False
+    filled_times: list[str] = []  # store times interpolated across a short gap (data.gaps)
     provenance: Provenance
     build_state: BuildState = "building"
 

@@ -19,22 +19,40 @@ from pipeline.config import PipelineConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+PREPARED = {  # model name -> (name in the prepared file, units written there)
+    "u": ("u10", "m s**-1"), "v": ("v10", "m s**-1"), "temp": ("t2m", "K"), "rh": ("r2", "%"), "psfc": ("sp", "Pa"),
+    "pm10": ("pm10", "ug m-3"), "so2": ("so2", "ug m-3"), "no2": ("no2", "ug m-3"), "co": ("co", "mg m-3"),
+    "o3": ("go3", "ug m-3"), "pm25": ("pm2p5", "ug m-3"),
+}
+PREPARED_STATIC = {"elevation": ("orography", "m"), "population": ("population", "km-2"), "land_sea": ("lsm", "1")}
+
+
 def tiny_raw_config(tmp_path: Path) -> dict:
-    """The demo config shrunk to an 8x16 grid, 4x8 patches in 2x2 regions, 3-hourly for 6 days."""
+    """The demo experiment shrunk to an 8x16 grid, 4x8 patches in 2x2 regions, 3-hourly for 6 days, reading
+    one prepared file already on the target grid (latitude descending, ECMWF unit spellings): the kind of
+    source a user who regridded their data beforehand has. ERA5/CAMS/CAQRA files: tests/pipeline/test_sources.py."""
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    data = raw["data"]
-    data["raw"] = str(tmp_path / "raw.nc")
-    data["store"] = str(tmp_path / "features.zarr")
-    data["shards"] = str(tmp_path / "shards")
-    data["domain"] = {"lat_south": 30.0, "lon_west": 100.0, "resolution": 1.0, "n_lat": 8, "n_lon": 16}
-    data["step_hours"] = 3
-    data["sample"] = {"seed": 1}
-    data["leads_h"] = [3, 6, 12]
-    data["regions"] = [2, 2]
-    data["splits"] = {
-        "train": {"start": "2018-01-01T00:00", "end": "2018-01-03T21:00"},
-        "val": {"start": "2018-01-04T00:00", "end": "2018-01-04T21:00"},
-        "test": {"start": "2018-01-05T00:00", "end": "2018-01-06T21:00"},
+    source = str(tmp_path / "raw.nc")
+    raw["data"] = {
+        "store": str(tmp_path / "features.zarr"), "shards": str(tmp_path / "shards"),
+        "domain": {"lat_south": 30.0, "lon_west": 100.0, "resolution": 1.0, "n_lat": 8, "n_lon": 16},
+        "step_hours": 3,
+        "sources": [
+            {"name": "prepared", "files": source, "regrid": "none",
+             "variables": {name: var for name, (var, _) in PREPARED.items()}},
+            {"name": "prepared_static", "files": source, "regrid": "none",
+             "variables": {name: var for name, (var, _) in PREPARED_STATIC.items()}},
+        ],
+        "static": {"elevation": "elevation", "loss_mask": {"variable": "land_sea", "threshold": 0.5}},
+        "variables": raw["data"]["variables"],
+        "leads_h": [3, 6, 12],
+        "patch_size": 2,
+        "regions": [2, 2],
+        "splits": {
+            "train": {"start": "2018-01-01T00:00", "end": "2018-01-03T21:00"},
+            "val": {"start": "2018-01-04T00:00", "end": "2018-01-04T21:00"},
+            "test": {"start": "2018-01-05T00:00", "end": "2018-01-06T21:00"},
+        },
     }
     raw["build"] = {"time_chunk": 8, "zarr_format": 3, "n_workers": 1}
     raw["shard"] = {"max_count": 8}
@@ -64,7 +82,7 @@ def _dynamic_values(name: str, wind: tuple[str, str], rng: np.random.Generator, 
 
 
 def write_synthetic_source(cfg: PipelineConfig, seed: int = 0) -> xr.Dataset:
-    """Write a random raw source matching `cfg` (descending latitude) to cfg.data.raw and return it."""
+    """Write the tiny config's prepared file (random, plausible, latitude descending) and return it."""
     data = cfg.data
     rng = np.random.default_rng(seed)
     times = data.times()
@@ -72,21 +90,29 @@ def write_synthetic_source(cfg: PipelineConfig, seed: int = 0) -> xr.Dataset:
     shape = (len(times), len(lat), len(lon))
     yy, xx = np.meshgrid(np.linspace(0, 1, len(lat)), np.linspace(0, 1, len(lon)), indexing="ij")
     variables = {}
-    for spec in data.variables:
-        if spec.kind == "static":
-            values = 3000.0 * np.exp(-((yy - 0.7) ** 2 + (xx - 0.3) ** 2) / 0.05) if spec.name == "elevation" \
-                else rng.lognormal(4, 1, size=yy.shape)
-            variables[spec.source] = (("latitude", "longitude"), values.astype(np.float32), {"units": spec.units})
-        elif spec.kind == "dynamic":
-            values = _dynamic_values(spec.name, data.wind, rng, shape, yy, xx)
-            variables[spec.source] = (("time", "latitude", "longitude"), values.astype(np.float32),
-                                      {"units": spec.units, "standard_name": f"{spec.name}_standard",
-                                       "long_name": f"{spec.name} (synthetic)"})
-    if data.static.loss_mask:
-        variables[data.static.loss_mask] = (("latitude", "longitude"), (xx < 0.9).astype(np.float32), {"units": "1"})
+    for name, (var, units) in PREPARED.items():
+        values = _dynamic_values(name, data.wind, rng, shape, yy, xx)
+        variables[var] = (("time", "latitude", "longitude"), values.astype(np.float32),
+                          {"units": units, "standard_name": f"{name}_standard", "long_name": f"{name} (synthetic)"})
+    statics = {"elevation": 3000.0 * np.exp(-((yy - 0.7) ** 2 + (xx - 0.3) ** 2) / 0.05),
+               "population": rng.lognormal(4, 1, size=yy.shape), "land_sea": (xx < 0.9).astype(np.float64)}
+    for name, (var, units) in PREPARED_STATIC.items():
+        variables[var] = (("latitude", "longitude"), statics[name].astype(np.float32), {"units": units})
     ds = xr.Dataset(variables, coords={"time": ("time", times),
                                        "latitude": ("latitude", lat, {"units": "degrees_north"}),
                                        "longitude": ("longitude", lon, {"units": "degrees_east"})})
-    Path(data.raw).parent.mkdir(parents=True, exist_ok=True)
-    ds.to_netcdf(data.raw, engine="h5netcdf")
+    path = Path(cfg.data.sources[0].files)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_netcdf(path, engine="h5netcdf")
     return ds
+
+
+def source_path(cfg: PipelineConfig) -> Path:
+    """The tiny config's prepared file (both its sources read it)."""
+    return Path(cfg.data.sources[0].files)
+
+
+def with_source_path(cfg: PipelineConfig, path: Path) -> PipelineConfig:
+    """A copy of `cfg` whose sources read `path` instead."""
+    sources = [s.model_copy(update={"files": str(path)}) for s in cfg.data.sources]
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})

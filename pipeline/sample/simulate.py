@@ -39,6 +39,7 @@ import pandas as pd
 from scipy import ndimage
 
 from pipeline.config import DomainConfig
+from pipeline.sources.derived import relative_humidity_from_dewpoint
 
 R_EARTH = 6.371e6  # m
 OMEGA = 7.2921e-5  # s-1, Earth's rotation rate
@@ -232,12 +233,6 @@ def barometric_pressure(sea_level_pa: np.ndarray, sea_level_t: np.ndarray, z: np
     return sea_level_pa * (1.0 - LAPSE * z / sea_level_t) ** BARO_EXP
 
 
-def saturation_vapour_pressure(t_kelvin: np.ndarray) -> np.ndarray:
-    """Magnus formula over water (WMO 2008): e_s = 611.2 exp(17.62 Tc / (243.12 + Tc)) Pa."""
-    tc = t_kelvin - 273.15
-    return 611.2 * np.exp(17.62 * tc / (243.12 + tc))
-
-
 def transport(conc: np.ndarray, u: np.ndarray, v: np.ndarray, grid: Grid, elevation: np.ndarray,
               dt: float = DT, background: np.ndarray = BACKGROUND) -> np.ndarray:
     """Advect (species, y, x) concentrations for dt seconds: semi-Lagrangian with the terrain barrier.
@@ -362,7 +357,7 @@ class Simulation:
         temp = temp_mean + self.t_diurnal * np.cos(2 * np.pi * (hour - 15.0) / 24.0)
         psfc = barometric_pressure(P_SEA + RHO_AIR * self.coriolis * psi, t_sea, sf.elevation)
         wet = np.clip(self.wet_annual - w * self.wet_summer + 0.01 * v, 0.05, 0.97)
-        rh = np.clip(100.0 * wet * saturation_vapour_pressure(temp_mean) / saturation_vapour_pressure(temp), 2.0, 100.0)
+        rh = np.clip(wet * relative_humidity_from_dewpoint(temp - 273.15, temp_mean - 273.15), 2.0, 100.0)
 
         mix = self.mix_base + self.mix_warm * (0.5 * (1 - w)) + self.mix_wind * speed
         night = np.minimum(120.0 + 40.0 * speed, mix)

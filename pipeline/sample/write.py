@@ -1,246 +1,215 @@
-"""`python -m pipeline sample`: write the embedded raw source (NetCDF) on real terrain.
+"""`python -m pipeline sample`: the embedded sample, written as the raw downloads a user would have.
 
-The file has exactly the layout `pipeline build` reads for any real ERA5/CAMS-style source: dims
-(time, latitude DESCENDING, longitude), the config's source names and units, static fields without
-a time dim, CF attributes. Data are simulated by `pipeline.sample.simulate` on pvlib's terrain and
-streamed to disk in time blocks, so a year of the 128x256 grid never sits in memory. The file is
-written under a temporary name and renamed when complete; a fingerprint of the config parts that
-shape the data is stored in its attrs, so an up-to-date file is not regenerated.
+The simulation (`pipeline.sample.simulate`, hourly on the target grid, on real terrain) is written in
+the conventions of `pipeline.sample.conventions`, so `make demo` takes the path real users take:
+- ERA5-like monthly files, hourly, on points at whole degrees (latitude descending), `valid_time`,
+  `expver` (the last month ERA5T, 0005), ECMWF unit strings, dewpoint `d2m` instead of RH;
+- an ERA5-like invariants file: surface geopotential `z` and land-sea mask `lsm`;
+- CAMS-like monthly files, 3-hourly, on a coarser 1.5-degree grid, PM in kg m**-3 and the gases as
+  mass mixing ratios (kg kg**-1) on model level 60;
+- a 0.25-degree population density raster with a fill value over sea.
+Fields are interpolated from the simulation's cell centres to those points with the build's own
+bilinear weights. `sample.json`, written last, records the fingerprint of what shaped the files, so an
+up-to-date sample is not regenerated.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import os
+import json
+import shutil
 import sys
 from pathlib import Path
 
-import h5netcdf
-import h5py
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import PipelineConfig, SampleConfig, load_pipeline_config
-from pipeline.sample import simulate, terrain
+from pipeline.config import DomainConfig, PipelineConfig, SampleConfig, load_pipeline_config
+from pipeline.sample import conventions, simulate
 from pipeline.sample.simulate import Grid, Simulation, make_surface
-from pipeline.sample.terrain import regrid_elevation
+from pipeline.sources import dem, derived
+from pipeline.sources.dem import regrid_elevation
+from pipeline.sources.derived import G0, dewpoint_from_vapour_pressure, saturation_vapour_pressure
+from pipeline.sources.grid import axis_weights
+from pipeline.sources.units import air_density
 from topoflow.config import add_override_argument
 from topoflow.errors import ConfigError
-from topoflow.files import sha256_json
+from topoflow.files import atomic_write_json, sha256_json
 
 SPINUP_DAYS = 10  # simulated before the first time step so the first fields are not clean air
-FINGERPRINT_ATTR = "sample_fingerprint"
+ERA5_STEP_DEG, CAMS_STEP_DEG, POPULATION_SPLIT = 1.0, 1.5, 4  # points every 1 and 1.5 degree; 0.25-degree raster
+CAMS_EVERY_H = 3
+MANIFEST = "sample.json"
 
 
 class SampleError(ConfigError):
     """The sample cannot be written as asked; the message says why and what to do."""
 
 
-# model variable -> canonical units of the simulation; declared units may be any in CONVERSIONS
-CANONICAL_UNITS = {
-    "u": "m s-1", "v": "m s-1", "temp": "K", "rh": "%", "psfc": "Pa", "pm25": "ug m-3", "pm10": "ug m-3",
-    "so2": "ug m-3", "no2": "ug m-3", "co": "mg m-3", "o3": "ug m-3", "elevation": "m", "population": "km-2",
-}
-STANDARD_NAMES = {  # CF standard names of the simulated dynamic fields
-    "u": "eastward_wind", "v": "northward_wind", "temp": "air_temperature", "rh": "relative_humidity",
-    "psfc": "surface_air_pressure", "pm25": "mass_concentration_of_pm2p5_ambient_aerosol_particles_in_air",
-    "pm10": "mass_concentration_of_pm10_ambient_aerosol_particles_in_air",
-    "so2": "mass_concentration_of_sulfur_dioxide_in_air", "no2": "mass_concentration_of_nitrogen_dioxide_in_air",
-    "co": "mass_concentration_of_carbon_monoxide_in_air", "o3": "mass_concentration_of_ozone_in_air",
-}
-CONVERSIONS = {  # (canonical, declared) -> (scale, offset): declared = canonical * scale + offset
-    ("K", "degC"): (1.0, -273.15), ("Pa", "hPa"): (0.01, 0.0), ("%", "1"): (0.01, 0.0),
-    ("ug m-3", "mg m-3"): (1e-3, 0.0), ("mg m-3", "ug m-3"): (1e3, 0.0), ("m", "km"): (1e-3, 0.0),
-}
-
-
 def _sample_config(cfg: PipelineConfig) -> SampleConfig:
     if cfg.data.sample is None:
-        raise SampleError("the config has no data.sample section: add `sample: {seed: 0}` under data to write the "
-                          "embedded sample, or point data.raw at your own source and run `python -m pipeline build`")
+        raise SampleError("the config has no data.sample section: add `sample: {dir: data/demo/raw}` under data to "
+                          "write the embedded sample, or point data.sources at your own files")
     return cfg.data.sample
 
 
-def _generator_hash() -> str:
-    """Hash of the generator's code, so a changed simulation is never mistaken for an up-to-date file."""
-    h = hashlib.sha256()
-    for module in (simulate, terrain, sys.modules[__name__]):
-        h.update(Path(module.__file__).read_bytes())
-    return h.hexdigest()[:16]
-
-
 def fingerprint(cfg: PipelineConfig) -> str:
-    """Hash of everything that shapes the sample's bytes (domain, period, seed, variables, statics, code)."""
+    """Hash of everything that shapes the sample's bytes: the generator's code, domain, period, seed."""
+    code = hashlib.sha256()
+    for module in (simulate, conventions, dem, derived, sys.modules[__name__]):
+        code.update(Path(module.__file__).read_bytes())
     d = cfg.data
-    parts = {
-        "generator": _generator_hash(),
-        "domain": d.domain.model_dump(mode="json"),
-        "sample": _sample_config(cfg).model_dump(mode="json"),
-        "period": d.period.model_dump(mode="json"),
-        "step_hours": d.step_hours,
-        "variables": [v.model_dump(mode="json") for v in d.variables],
-        "static": d.static.model_dump(mode="json"),
-    }
-    return sha256_json(parts)[:16]
+    return sha256_json({"code": code.hexdigest(), "domain": d.domain.model_dump(mode="json"),
+                        "period": d.period.model_dump(mode="json"), "seed": _sample_config(cfg).seed})[:16]
 
 
-def _unit_transform(name: str, units: str) -> tuple[float, float]:
-    """(scale, offset) from the simulation's units to the declared ones, or a clear error."""
-    canonical = CANONICAL_UNITS.get(name)
-    if canonical is None:
-        raise SampleError(
-            f"variable {name!r}: `pipeline sample` cannot simulate it (it simulates {sorted(CANONICAL_UNITS)}); "
-            "remove it from data.variables or point data.raw at a real source that has it"
-        )
-    if units == canonical:
-        return 1.0, 0.0
-    if (canonical, units) in CONVERSIONS:
-        return CONVERSIONS[(canonical, units)]
-    accepted = [canonical] + [b for a, b in CONVERSIONS if a == canonical]
-    raise SampleError(f"variable {name!r}: units {units!r} are not supported by the sample; declare one of {accepted}")
+def point_axes(domain: DomainConfig, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """(latitudes descending, longitudes) on multiples of `step` degrees, one point beyond the domain."""
+    south, north = domain.lat_south, domain.lat_south + domain.n_lat * domain.resolution
+    west, east = domain.lon_west, domain.lon_west + domain.n_lon * domain.resolution
+    lat = np.arange(np.floor(south / step) - 1, np.ceil(north / step) + 2) * step
+    lon = np.arange(np.floor(west / step) - 1, np.ceil(east / step) + 2) * step
+    return lat[::-1], lon
 
 
-def existing_fingerprint(path: Path) -> str | None:
-    """The fingerprint stored in an existing file, or None if it is not a readable sample."""
-    try:
-        with h5py.File(path, "r") as f:
-            value = f.attrs.get(FINGERPRINT_ATTR)
-    except OSError:
-        return None
-    return value.decode() if isinstance(value, bytes) else value
+class Points:
+    """Bilinear interpolation from the simulation's cell centres to a point grid (edge values beyond them)."""
+
+    def __init__(self, domain: DomainConfig, lat: np.ndarray, lon: np.ndarray) -> None:
+        clat, clon = domain.latitudes(), domain.longitudes()
+        self.lat, self.lon = lat, lon
+        self.w_lat = axis_weights(clat, np.clip(lat, clat[0], clat[-1]), "bilinear", True)
+        self.w_lon = axis_weights(clon, np.clip(lon, clon[0], clon[-1]), "bilinear", False)
+
+    def __call__(self, field: np.ndarray) -> np.ndarray:
+        return (self.w_lat @ field.astype(np.float64) @ self.w_lon.T).astype(np.float32)
 
 
-def _block_steps(cfg: PipelineConfig, times: pd.DatetimeIndex) -> int:
-    """Time steps per HDF5 chunk and per write: the build's read block, so its reads align with chunks."""
-    return min(cfg.build.time_chunk, len(times))
+def era5_fields(f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """ERA5 short names and units from the simulation's fields: dewpoint from RH (the build derives RH back)."""
+    vapour = f["rh"] / 100.0 * saturation_vapour_pressure(f["temp"] - 273.15)
+    return {"u10": f["u"], "v10": f["v"], "t2m": f["temp"], "d2m": dewpoint_from_vapour_pressure(vapour) + 273.15,
+            "sp": f["psfc"]}
 
 
-def _create_layout(f: h5netcdf.File, cfg: PipelineConfig, times: pd.DatetimeIndex, lat_desc: np.ndarray,
-                   lon: np.ndarray, fp: str) -> None:
-    """Dims, CF coordinates, empty dynamic variables and root attrs."""
-    d = cfg.data
-    f.dimensions = {"time": len(times), "latitude": lat_desc.size, "longitude": lon.size}
-    origin = times[0]
-    t = f.create_variable("time", ("time",), "i8")
-    t[:] = ((times - origin) / pd.Timedelta(hours=1)).to_numpy().astype(np.int64)
-    t.attrs.update(units=f"hours since {origin:%Y-%m-%d %H:%M:%S}", calendar="proleptic_gregorian",
-                   standard_name="time", axis="T")
-    la = f.create_variable("latitude", ("latitude",), "f8", data=lat_desc)
-    la.attrs.update(units="degrees_north", standard_name="latitude", long_name="latitude", axis="Y")
-    lo = f.create_variable("longitude", ("longitude",), "f8", data=lon)
-    lo.attrs.update(units="degrees_east", standard_name="longitude", long_name="longitude", axis="X")
-    chunks = (_block_steps(cfg, times), lat_desc.size, lon.size)
-    for spec in d.variables:
-        if spec.kind == "dynamic":
-            # uncompressed: zlib (even level 1 + shuffle) cost ~20x the plain write for files only ~25% smaller
-            var = f.create_variable(spec.source, ("time", "latitude", "longitude"), "f4", chunks=chunks)
-            var.attrs.update(units=spec.units, standard_name=STANDARD_NAMES[spec.name], long_name=f"{spec.name} (simulated)")
-    f.attrs.update(
-        Conventions="CF-1.8",
-        title="TopoFlow embedded sample: simulated surface meteorology and air quality on real terrain",
-        source="pipeline.sample (pipeline/sample/simulate.py) on pvlib Altitude.h5 terrain (Mapzen/tilezen)",
-        seed=_sample_config(cfg).seed,
-        step_hours=d.step_hours,
-        **{FINGERPRINT_ATTR: fp},
-    )
+def cams_fields(f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CAMS short names and units: PM as kg m**-3, gases as mass mixing ratios kg kg**-1 (c / rho)."""
+    rho = air_density(f["psfc"], f["temp"])
+    kg = {"pm2p5": f["pm25"] * 1e-9, "pm10": f["pm10"] * 1e-9, "so2": f["so2"] * 1e-9, "no2": f["no2"] * 1e-9,
+          "co": f["co"] * 1e-6, "go3": f["o3"] * 1e-9}
+    return {k: v if k.startswith("pm") else v / rho for k, v in kg.items()}
 
 
-STATIC_ATTRS = {
-    "elevation": {"standard_name": "surface_altitude", "long_name": "area-mean elevation (pvlib Altitude.h5; sea 0 m)"},
-    "population": {"long_name": "synthetic population density (cities in low, flat, moist land)"},
-    "loss_mask": {"standard_name": "land_binary_mask", "long_name": "land-sea mask (1 where >= half the cell is land)"},
-}
+class MonthlyFiles:
+    """Hourly ERA5 and 3-hourly CAMS values buffered for one month at a time, then written."""
+
+    def __init__(self, root: Path, domain: DomainConfig, last_month: pd.Period) -> None:
+        self.root, self.last_month = root, last_month
+        self.era5, self.cams = Points(domain, *point_axes(domain, ERA5_STEP_DEG)), \
+            Points(domain, *point_axes(domain, CAMS_STEP_DEG))
+        self.month: pd.Period | None = None
+        self.buffers: dict[str, tuple[list, dict[str, list]]] = {}
+        self.written: list[Path] = []
+
+    def add(self, time: pd.Timestamp, fields: dict[str, np.ndarray]) -> None:
+        if self.month is not None and time.to_period("M") != self.month:
+            self.flush()
+        self.month = time.to_period("M")
+        era5_t, era5_v = self.buffers.setdefault("era5", ([], {}))
+        era5_t.append(time)
+        for k, v in era5_fields(fields).items():
+            era5_v.setdefault(k, []).append(self.era5(v))
+        if time.hour % CAMS_EVERY_H == 0:
+            cams_t, cams_v = self.buffers.setdefault("cams", ([], {}))
+            cams_t.append(time)
+            for k, v in cams_fields(fields).items():
+                cams_v.setdefault(k, []).append(self.cams(v))
+
+    def flush(self) -> None:
+        """Write the buffered month (the last month as ERA5T, expver 0005, as a recent download would be)."""
+        stamp = f"{self.month:%Y-%m}"
+        for name, (times, values) in self.buffers.items():
+            stacked = {k: np.stack(v) for k, v in values.items()}
+            points = self.era5 if name == "era5" else self.cams
+            if name == "era5":
+                expver = "0005" if self.month == self.last_month else "0001"
+                path = conventions.write_era5(self.root / "era5" / f"era5_single_levels_{stamp}.nc",
+                                              pd.DatetimeIndex(times), points.lat, points.lon, stacked, expver)
+            else:
+                path = conventions.write_cams(self.root / "cams" / f"cams_eac4_{stamp}.nc", pd.DatetimeIndex(times),
+                                              points.lat, points.lon, stacked)
+            self.written.append(path)
+        self.buffers = {}
 
 
-def _write_static(f: h5netcdf.File, fields: dict[str, tuple[np.ndarray, dict]]) -> None:
-    """Static (latitude, longitude) variables; `fields` maps source name -> (values, attrs)."""
-    for source, (values, attrs) in fields.items():
-        var = f.create_variable(source, ("latitude", "longitude"), "f4", data=values[::-1].astype(np.float32))
-        var.attrs.update(attrs)
+def write_statics(root: Path, domain: DomainConfig, time: pd.Timestamp, elevation: np.ndarray, land: np.ndarray,
+                  population: np.ndarray) -> list[Path]:
+    """ERA5-like invariants (z = elevation * g0, lsm) on the ERA5 points, and a 0.25-degree population raster
+    (each target cell split into 4 x 4, so a conservative regrid gives the cell back) with fill over sea."""
+    points = Points(domain, *point_axes(domain, ERA5_STEP_DEG))
+    era5 = conventions.write_era5_invariant(root / "era5" / "era5_invariant.nc", time, points.lat, points.lon,
+                                            points(elevation) * G0, np.clip(points(land), 0.0, 1.0))
+    split = POPULATION_SPLIT
+    fine = np.repeat(np.repeat(np.where(land > 0, population, np.nan), split, 0), split, 1)[::-1]
+    res = domain.resolution / split
+    lat = domain.lat_south + (np.arange(domain.n_lat * split) + 0.5) * res
+    lon = domain.lon_west + (np.arange(domain.n_lon * split) + 0.5) * res
+    lon = (lon + 180.0) % 360.0 - 180.0  # rasters of this kind count longitudes from -180
+    order = np.argsort(lon)
+    density = conventions.write_density(root / "population" / "population_density.nc", lat[::-1], lon[order],
+                                        fine[:, order])
+    return [era5, density]
 
 
-def _static_fields(cfg: PipelineConfig, elevation: np.ndarray, lsm: np.ndarray, population: np.ndarray) -> dict:
-    """Source name -> (ascending-latitude values, attrs with units) for every static field the config names."""
-    d = cfg.data
-    by_name = {"elevation": elevation, "population": population}
-    out: dict[str, tuple[np.ndarray, dict]] = {}
-    for spec in d.variables:
-        if spec.kind == "static":
-            scale, offset = _unit_transform(spec.name, spec.units)
-            if spec.name not in by_name:
-                raise SampleError(f"static variable {spec.name!r}: the sample provides only {sorted(by_name)}")
-            out[spec.source] = (by_name[spec.name] * scale + offset, {"units": spec.units, **STATIC_ATTRS[spec.name]})
-    scale, offset = _unit_transform("elevation", d.static.elevation_units)
-    out.setdefault(d.static.elevation, (elevation * scale + offset,
-                                        {"units": d.static.elevation_units, **STATIC_ATTRS["elevation"]}))
-    if d.static.loss_mask:
-        out[d.static.loss_mask] = (lsm, {"units": "1", **STATIC_ATTRS["loss_mask"]})
-    return out
+def _up_to_date(root: Path, fp: str, overwrite: bool) -> bool:
+    """True when root holds this very sample; a folder of someone else's files is never replaced."""
+    manifest = root / MANIFEST
+    if overwrite or not root.exists():
+        return False
+    if not manifest.is_file():
+        if any(root.iterdir()):
+            raise SampleError(f"{root} holds files not written by `pipeline sample`; refusing to replace them: move "
+                              "them away, set data.sample.dir elsewhere, or pass --overwrite")
+        return False
+    old = json.loads(manifest.read_text()).get("fingerprint")
+    if old == fp:
+        print(f"sample {root} is up to date (fingerprint {fp}); nothing to do (--overwrite regenerates it)")
+        return True
+    print(f"sample {root} was made from another config or generator (fingerprint {old} -> {fp}); regenerating")
+    return False
 
 
 def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Simulate and write cfg.data.raw; skip when it already holds the sample of this config."""
-    d = cfg.data
-    path = Path(d.raw)
-    fp = fingerprint(cfg)
-    if path.suffix == ".zarr":
-        raise SampleError(f"data.raw={path}: the sample is written as NetCDF; give data.raw a .nc name")
-    if path.exists() and not overwrite:
-        old = existing_fingerprint(path)
-        if old == fp:
-            print(f"sample {path} is up to date (fingerprint {fp}); nothing to do (--overwrite regenerates it)")
-            return path
-        if old is None:
-            raise SampleError(
-                f"{path} exists and was not written by `pipeline sample` (or is unreadable); refusing to replace "
-                "it: move it away, point data.raw elsewhere, or pass --overwrite"
-            )
-        print(f"sample {path} was made from another config or generator (fingerprint {old} -> {fp}); regenerating")
-    dynamic = [s for s in d.variables if s.kind == "dynamic"]
-    transforms = {s.source: _unit_transform(s.name, s.units) for s in dynamic}
-    times = d.times()
-    seed = _sample_config(cfg).seed
-    grid = Grid.from_domain(d.domain)
-    ground = regrid_elevation(d.domain)
-    surface = make_surface(grid, ground.elevation, ground.land_fraction, seed)
-    statics = _static_fields(cfg, ground.elevation, ground.land_sea_mask, surface.population)
-    origin = times[0] - pd.Timedelta(days=SPINUP_DAYS)
-    hours = int((times[-1] - origin) / pd.Timedelta(hours=1)) + 1
-    sim = Simulation(grid, surface, origin, hours, seed)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5netcdf.File(tmp, "w") as f, tqdm(total=hours, unit="h", desc="sample", disable=not progress) as bar:
-            _create_layout(f, cfg, times, grid.lat[::-1], grid.lon, fp)
-            _write_static(f, statics)
-            steps = _block_steps(cfg, times)  # memory stays bounded at any grid size and period
-            block = {s.source: np.empty((steps, *grid.shape), np.float32) for s in dynamic}
-            done, last = 0, origin - pd.Timedelta(hours=1)
-            for index, (time, fields) in enumerate(sim.run(times)):
-                k = index - done
-                for spec in dynamic:
-                    scale, offset = transforms[spec.source]
-                    block[spec.source][k] = (fields[spec.name] * scale + offset)[::-1]
-                if k + 1 == steps or index + 1 == len(times):
-                    for source, values in block.items():
-                        f.variables[source][done : index + 1] = values[: k + 1]
-                    done = index + 1
-                bar.update(int((time - last) / pd.Timedelta(hours=1)))
-                last = time
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote sample {path}: {len(times)} steps x {grid.shape[0]}x{grid.shape[1]} ({fp})")
-    return path
+    """Simulate and write the sample's files under data.sample.dir; skip when they are up to date."""
+    d, sample = cfg.data, _sample_config(cfg)
+    root, fp = Path(sample.dir), fingerprint(cfg)
+    if _up_to_date(root, fp, overwrite):
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    hourly = pd.date_range(d.period.start, d.period.end, freq="1h")
+    grid, ground = Grid.from_domain(d.domain), regrid_elevation(d.domain)
+    surface = make_surface(grid, ground.elevation, ground.land_fraction, sample.seed)
+    origin = hourly[0] - pd.Timedelta(days=SPINUP_DAYS)
+    sim = Simulation(grid, surface, origin, len(hourly) + SPINUP_DAYS * 24, sample.seed)
+    files = MonthlyFiles(root, d.domain, hourly[-1].to_period("M"))
+    with tqdm(total=len(hourly), unit="h", desc="sample", disable=not progress) as bar:
+        for time, fields in sim.run(hourly):
+            files.add(time, fields)
+            bar.update(1)
+    files.flush()
+    written = files.written + write_statics(root, d.domain, hourly[0], ground.elevation, ground.land_fraction,
+                                            surface.population)
+    atomic_write_json(root / MANIFEST, {"fingerprint": fp, "files": [str(p.relative_to(root)) for p in written]})
+    print(f"wrote sample {root}: {len(written)} files, {len(hourly)} hours on {d.domain.n_lat}x{d.domain.n_lon} ({fp})")
+    return root
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (section data is used)")
-    add_override_argument(parser, "data.step_hours=1")
-    parser.add_argument("--overwrite", action="store_true", help="regenerate even if the file is up to date or foreign")
+    add_override_argument(parser, "data.sample.seed=1")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate even if the files are up to date")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pipeline.features import OUTPUTS
 from pipeline.scan import scan_orders
 from pipeline.statistics import ChangePlan, block_moments, merge_moments
 from pipeline.store import PROGRESS_GROUP, open_features, partial_path, read_record
-from tests.helpers import tiny_raw_config, write_config, write_synthetic_source
+from tests.helpers import source_path, tiny_raw_config, with_source_path, write_config, write_synthetic_source
 from topoflow.errors import StoreError
 
 
@@ -39,7 +38,7 @@ def in_process(tmp_path: Path, **build_overrides) -> PipelineConfig:
 
 
 def ascending_source(cfg: PipelineConfig) -> xr.Dataset:
-    return xr.open_dataset(cfg.data.raw).load().sortby("latitude")
+    return xr.open_dataset(source_path(cfg)).load().sortby("latitude")
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -94,6 +93,8 @@ def test_outside_readers_need_nothing_from_this_project(built):
 def test_fields_statics_and_mask_are_the_source_with_latitude_ascending(built):
     src = ascending_source(built)
     ds, _ = open_features(built.data.store)
+    names = {**{k: v for k, v in built.data.sources[0].variables.items()},
+             **{k: v for k, v in built.data.sources[1].variables.items()}}
     for spec in built.data.variables:
         if spec.kind == "dynamic":
             got = ds["fields"].sel(var=spec.name).values
@@ -101,7 +102,7 @@ def test_fields_statics_and_mask_are_the_source_with_latitude_ascending(built):
             got = ds["static"].sel(static_var=spec.name).values
         else:
             continue
-        np.testing.assert_array_equal(got, src[spec.source].values.astype(np.float32), err_msg=spec.name)
+        np.testing.assert_array_equal(got, src[names[spec.name].var].values.astype(np.float32), err_msg=spec.name)
     np.testing.assert_array_equal(ds["elevation"].values, src["orography"].values)
     np.testing.assert_array_equal(ds["loss_mask"].values, src["lsm"].values >= 0.5)
 
@@ -194,7 +195,7 @@ def test_merged_moments_are_nan_aware():
 
 def test_resume_after_failure_equals_uninterrupted(tmp_path, built, monkeypatch):
     cfg = in_process(tmp_path)
-    shutil.copy2(built.data.raw, cfg.data.raw)
+    shutil.copy2(source_path(built), source_path(cfg))
     original = build.read_block
     fail_from = np.datetime64("2018-01-05T00:00")  # block 2 of 0..2
 
@@ -235,11 +236,8 @@ def test_changed_config_or_source_is_refused_naming_the_change(tmp_path, built):
     with pytest.raises(StoreError, match=r"data.calm_threshold: stored 0.5, config 3.0(.|\n)*--overwrite"):
         build_features(changed, progress=False)
     assert read_record(store).calm_threshold == 0.5  # untouched
-    other_source = same.model_copy(deep=True)
-    write_synthetic_source(other_source.model_copy(update={"data": other_source.data.model_copy(
-        update={"raw": tmp_path / "other.nc"})}), seed=7)
-    os.replace(tmp_path / "other.nc", tmp_path / "raw.nc")
-    other_source.data.raw = tmp_path / "raw.nc"
+    other_source = with_source_path(same, tmp_path / "raw.nc")
+    write_synthetic_source(other_source, seed=7)
     with pytest.raises(StoreError, match="content fingerprint"):
         build_features(other_source, progress=False)
     build_features(changed, overwrite=True, progress=False)
@@ -250,13 +248,12 @@ def test_changed_config_or_source_is_refused_naming_the_change(tmp_path, built):
 
 def test_a_copied_source_keeps_its_fingerprint(tmp_path, built):
     """`cp` gives the source new mtimes and inodes; its content fingerprint, and so the store, still hold."""
-    cfg = built.model_copy(deep=True)
     copy = tmp_path / "raw.nc"
-    shutil.copyfile(built.data.raw, copy)  # no copystat: a new mtime
+    shutil.copyfile(source_path(built), copy)  # no copystat: a new mtime
     store = tmp_path / "features.zarr"
     shutil.copytree(built.data.store, store)
-    cfg.data.raw, cfg.data.store = copy, store
-    assert build.provenance(cfg).sources[0].fingerprint == read_record(built.data.store).provenance.sources[0].fingerprint
+    cfg = with_source_path(built, copy)
+    cfg.data.store = store
     assert build_features(cfg, progress=False) == store
 
 

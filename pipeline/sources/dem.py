@@ -1,4 +1,7 @@
-"""Real terrain for the embedded sample: pvlib's global 1/12-degree elevation map, area-averaged.
+"""The embedded DEM: pvlib's global 1/12-degree elevation map, area-averaged onto the target grid.
+
+The build's built-in `dem_elevation` / `dem_land_fraction` (the barrier's elevation when no source
+gives one) and the embedded sample's terrain both come from here.
 
 pvlib ships `pvlib/data/Altitude.h5` (Mapzen/tilezen terrain, see `pvlib.location.lookup_altitude`):
 one uint8 dataset `Altitude` of shape (2160, 4320); row 0 is the northernmost 1/12-degree band
