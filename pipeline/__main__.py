@@ -1,4 +1,4 @@
-"""`python -m pipeline {sample,build,shard,inspect}`: the data-side command line.
+"""`python -m pipeline {sample,build,shard,inspect,requests}`: the data-side command line.
 
 Each subcommand lives in its own module with a `add_arguments(parser)` and a `run(args) -> int`;
 this file only wires them up, so importing one stage never pulls in another's dependencies. Only
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "build": ("pipeline.build", "raw source -> features.zarr (Dask, resumable)"),
     "shard": ("pipeline.shard", "features.zarr -> WebDataset tar shards + manifest.json"),
     "inspect": ("pipeline.inspect", "validate a feature store or a shard set and print a summary"),
+    "requests": ("pipeline.requests", "print the cdsapi requests that download each source (nothing is fetched)"),
 }
 
 

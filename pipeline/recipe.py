@@ -37,6 +37,10 @@ class DownloadSpec(Strict):
     dataset: str = Field(description="CDS/ADS dataset id, e.g. reanalysis-era5-single-levels")
     request: dict = Field(default={}, description="the fixed part of the request; area and dates come from data")
     per: Literal["month", "once"] = Field(default="month", description="one request (and file) per month, or one")
+    dates: Literal["year_month_day", "date_range", "fixed"] = Field(
+        default="year_month_day", description="the CDS's year/month/day lists, the ADS's 'date' range, or the "
+                                              "dates already in `request` (invariant fields)")
+    margin_deg: float = Field(default=1.0, ge=0, description="area beyond data.domain on every side")
 
 
 class SourceSpec(Strict):

@@ -42,7 +42,8 @@ from topoflow.files import atomic_write_bytes, sha256_file, sha256_json
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00Z: a fixed mtime makes reruns byte-identical
 TAR_OWNER = "topoflow"  # uname/gname; uid/gid stay tarfile's default 0
-INPUT_MISSING = "input missing"  # skip reason: the input time is a gap in the store
+INPUT_MISSING = "input missing"  # skip reasons: the input time is a gap in the store,
+TARGET_MISSING = "target missing"  # or a target time t + lead inside the split is
 PER_TIME = tuple(o for o in TIME_OUTPUTS if o.member and o.name != "fields")  # small per-sample arrays
 
 
@@ -152,8 +153,10 @@ def _write_split(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, split
             future = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
             for pos in range(start, stop):
                 bar.update(1)
-                if not valid[pos]:
-                    out.skipped.setdefault(INPUT_MISSING, []).append(sample_key(split, pos))
+                why = INPUT_MISSING if not valid[pos] else TARGET_MISSING if not valid[targets[pos][
+                    targets[pos] >= 0]].all() else None
+                if why:
+                    out.skipped.setdefault(why, []).append(sample_key(split, pos))
                     continue
                 y = np.full((len(record.leads_h), len(tvars), *rows.shape[2:]), np.nan, dtype=np.float32)
                 for lead, tpos in enumerate(targets[pos]):

@@ -69,7 +69,7 @@ def merge_moments(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def grid_moments(layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(S, H, W) static layers -> float64 mean and population std per layer over the grid."""
-    flat = layers.reshape(len(layers), -1).astype(np.float64)
+    flat = layers.reshape(len(layers), int(np.prod(layers.shape[1:]))).astype(np.float64)
     return flat.mean(axis=1), flat.std(axis=1)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 import yaml
 
-from pipeline.config import PipelineConfig
+from pipeline.config import DomainConfig, PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,3 +116,21 @@ def with_source_path(cfg: PipelineConfig, path: Path) -> PipelineConfig:
     """A copy of `cfg` whose sources read `path` instead."""
     sources = [s.model_copy(update={"files": str(path)}) for s in cfg.data.sources]
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
+
+
+def demo_config(tmp_path: Path, domain: DomainConfig, days: int, sample: dict | None = {}) -> Path:  # noqa: B006
+    """configs/demo.yaml (the multi-source recipe) on `domain` for `days` days from 2018-01-01, 6-hourly,
+    with every path under tmp_path; `sample` updates data.sample (None: no sample section)."""
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data = raw["data"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    root = tmp_path / "raw"
+    for source in data["sources"]:
+        source["files"] = source["files"].replace("data/demo/raw", str(root))
+    data.update(store=str(tmp_path / "features.zarr"), shards=str(tmp_path / "shards"),
+                domain=domain.model_dump(mode="json"), leads_h=[6, 12], regions=[2, 2] if domain.n_lat < 16 else [4, 8])
+    data["sample"] = None if sample is None else {**data["sample"], "dir": str(root), **sample}
+    end = f"2018-01-{days:02d}T18:00"
+    data["splits"] = {"train": {"start": "2018-01-01T00:00", "end": end}}
+    raw["build"] = {"time_chunk": 8, "processes": False, "n_workers": 1}
+    return write_config(raw, tmp_path / "demo.yaml")

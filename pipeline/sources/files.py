@@ -132,31 +132,34 @@ def _file_times(ds: xr.Dataset, path: Path, source: SourceSpec) -> tuple[np.ndar
     return times, np.zeros(len(times), dtype=int)
 
 
-def _merge_releases(data: xr.DataArray) -> xr.DataArray:
-    """The old CDS format's `expver` dim (ERA5 and ERA5T side by side, NaN where absent): the final
-    release where it has data, else the preliminary one."""
+def _merge_releases(data: xr.DataArray) -> np.ndarray:
+    """Values of `data`; the old CDS format's `expver` dim (ERA5 and ERA5T side by side, NaN where absent)
+    merged: the final release (lowest expver) where it has data, else the next one."""
     if "expver" not in data.dims:
-        return data
-    ordered = data.sortby("expver")
-    return ordered.bfill("expver").isel(expver=0)
+        return data.values
+    releases = data.sortby("expver").transpose("expver", ...).values
+    merged = releases[0]
+    for later in releases[1:]:
+        merged = np.where(np.isfinite(merged), merged, later)
+    return merged
 
 
 def read_layer(ds: xr.Dataset, source: SourceSpec, name: str, positions: np.ndarray | None) -> np.ndarray:
     """One recipe variable of one file: (len(positions), y, x) at those time positions, or (y, x) for a
     static source (positions None). Selections applied, each file read as one contiguous slab."""
     chosen = source.selection(name)
-    data = _merge_releases(ds[chosen.var].sel(chosen.select))
-    extra = [d for d in data.dims[:-2] if d != "time"]  # e.g. CAQRA's leading singleton axis
+    data = ds[chosen.var].sel(chosen.select)
+    extra = [d for d in data.dims[:-2] if d not in ("time", "expver")]  # e.g. CAQRA's leading singleton axis
     if any(data.sizes[d] != 1 for d in extra):
         raise SourceError(f"source {source.name!r}: {chosen.var!r} keeps the dims {extra} after `select`; select "
                           "one value of each (e.g. select: {model_level: 60})")
     data = data.squeeze(extra, drop=True)
     if positions is None:
-        return data.isel(time=0).values if "time" in data.dims else data.values
+        return _merge_releases(data.isel(time=0) if "time" in data.dims else data)
     if "time" not in data.dims:  # one time per file (filename_time)
-        return np.repeat(data.values[None], len(positions), axis=0)
+        return np.repeat(_merge_releases(data)[None], len(positions), axis=0)
     first, last = int(positions.min()), int(positions.max())
-    return data.isel(time=slice(first, last + 1)).values[positions - first]
+    return _merge_releases(data.isel(time=slice(first, last + 1)))[positions - first]
 
 
 def _same_data(source: SourceSpec, a: tuple[xr.Dataset, int], b: tuple[xr.Dataset, int]) -> bool:

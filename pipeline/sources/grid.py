@@ -12,7 +12,7 @@ Curvilinear sources (2-D lat/lon, e.g. CAQRA's projected grid) go through pyresa
 
 from __future__ import annotations
 
-import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,7 +132,9 @@ class Curvilinear:
     def __call__(self, values: np.ndarray) -> np.ndarray:
         lead = values.shape[:-2]
         stack = np.moveaxis(values.reshape(-1, *values.shape[-2:]), 0, -1)
-        out = np.asarray(self.apply(stack))[::-1]  # rows south to north, as the store
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # pyresample's bilinear divides 0 by 0 off the grid
+            out = np.asarray(self.apply(stack))[::-1]  # rows south to north, as the store
         return np.moveaxis(out, -1, 0).reshape(*lead, *out.shape[:2]).astype(np.float32)
 
 
@@ -158,6 +160,13 @@ def _bucket_mean(resampler: object, n_target: int, shape: tuple[int, int]):  # n
 
 def curvilinear(catalog: Catalog, domain: DomainConfig, method: Regrid) -> Curvilinear:
     """pyresample regridding of a 2-D lat/lon source onto the domain; SourceError if it does not cover it."""
+    with warnings.catch_warnings():  # pyproj's PROJ-string and pyresample's own 0/0 notes, not ours to act on
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _curvilinear(catalog, domain, method)
+
+
+def _curvilinear(catalog: Catalog, domain: DomainConfig, method: Regrid) -> Curvilinear:
     from pyresample import bilinear, bucket, geometry, kd_tree
 
     lat, lon = catalog.lat.astype(np.float64), catalog.lon.astype(np.float64)

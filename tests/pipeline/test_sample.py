@@ -1,4 +1,5 @@
-"""The embedded sample: real terrain, build-facing layout, determinism, physics sanity, terrain barrier."""
+"""The embedded sample: real terrain, files in the real downloads' conventions, determinism, physical sanity
+of what the build makes of them, and the simulator's physics (terrain barrier)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.__main__ import main
-from pipeline.config import DomainConfig, load_pipeline_config
-from pipeline.sample.simulate import (Grid, barometric_pressure, deflect_by_terrain, saturation_vapour_pressure,
-                                      transport)
-from pipeline.sample.terrain import altitude_file, regrid_elevation
-from pipeline.sample.write import SampleError, write_sample
-from pipeline.source import describe_source
-from tests.helpers import tiny_raw_config, write_config, write_synthetic_source
+from pipeline.build import build_features
+from pipeline.config import DomainConfig, PipelineConfig, load_pipeline_config
+from pipeline.sample.simulate import Grid, barometric_pressure, deflect_by_terrain, transport
+from pipeline.sample.write import MANIFEST, SampleError, write_sample
+from pipeline.sources import describe_sources
+from pipeline.sources.dem import altitude_file, regrid_elevation
+from pipeline.sources.derived import saturation_vapour_pressure
+from pipeline.store import open_features
+from tests.helpers import demo_config
 
 DEMO = DomainConfig(lat_south=15.0, lon_west=70.0, resolution=1.0, n_lat=32, n_lon=64)
+TINY = DomainConfig(lat_south=30.0, lon_west=100.0, resolution=1.0, n_lat=8, n_lon=16)
 
 
 def _cell(domain: DomainConfig, field: np.ndarray, lat: float, lon: float) -> float:
@@ -29,17 +33,13 @@ def _cell(domain: DomainConfig, field: np.ndarray, lat: float, lon: float) -> fl
     return float(field[i, j])
 
 
-def _config(tmp_path: Path, time_chunk: int = 8, **sample):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    raw = tiny_raw_config(tmp_path)
-    raw["data"]["sample"].update(sample)
-    raw["build"]["time_chunk"] = time_chunk
-    return load_pipeline_config(write_config(raw, tmp_path / "tiny.yaml"))
+def _config(tmp_path: Path, domain: DomainConfig = TINY, days: int = 3, **sample) -> PipelineConfig:
+    return load_pipeline_config(demo_config(tmp_path, domain, days, sample=sample))
 
 
 @pytest.fixture(scope="module")
-def tiny_sample(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny config's sample (8x16 cells over 30-38 N, 100-116 E, 48 three-hourly steps)."""
+def tiny_sample(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig:
+    """The demo recipe's sample on 8x16 cells over 30-38 N, 100-116 E, three days."""
     cfg = _config(tmp_path_factory.mktemp("sample"))
     write_sample(cfg, progress=False)
     return cfg
@@ -47,16 +47,127 @@ def tiny_sample(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def demo_winter(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
-    """Ten winter days of the demo domain (32x64 over China), 6-hourly."""
+    """Ten winter days of the demo domain (32x64 over China), built from the sample's files, 6-hourly."""
     root = tmp_path_factory.mktemp("demo")
-    raw = tiny_raw_config(root)
-    raw["data"]["domain"] = DEMO.model_dump()
-    raw["data"]["regions"] = [4, 8]
-    raw["data"]["sample"], raw["data"]["step_hours"] = {"seed": 0}, 6
-    raw["data"]["leads_h"] = [6, 12]
-    raw["data"]["splits"] = {"train": {"start": "2018-01-10T00:00", "end": "2018-01-19T18:00"}}
-    cfg = load_pipeline_config(write_config(raw, root / "demo.yaml"))
-    return xr.open_dataset(write_sample(cfg, progress=False)).load()
+    cfg = _config(root, DEMO, 10, seed=0)
+    write_sample(cfg, progress=False)
+    build_features(cfg, progress=False)
+    ds, _ = open_features(cfg.data.store)
+    return ds.load()
+
+
+def test_files_follow_the_downloads_conventions(tiny_sample):
+    root = Path(tiny_sample.data.sample.dir)
+    era5 = xr.open_dataset(root / "era5" / "era5_single_levels_2018-01.nc", decode_times=False)
+    assert era5["u10"].dims == ("valid_time", "latitude", "longitude") and era5["u10"].dtype == np.float32
+    assert era5["valid_time"].attrs["units"] == "seconds since 1970-01-01" and era5["valid_time"].dtype == np.int64
+    assert np.diff(era5["valid_time"].values).tolist() == [3600] * (era5.sizes["valid_time"] - 1)  # hourly
+    assert (np.diff(era5.latitude) < 0).all() and era5.latitude.attrs["stored_direction"] == "decreasing"
+    assert era5["number"].dims == () and era5["expver"].dims == ("valid_time",)
+    assert {str(v) for v in era5["expver"].values} == {"0005"}  # the last month is ERA5T
+    units = {v: era5[v].attrs["units"] for v in era5.data_vars}
+    assert units == {"u10": "m s**-1", "v10": "m s**-1", "t2m": "K", "d2m": "K", "sp": "Pa"}
+    assert (era5["d2m"] <= era5["t2m"] + 1e-3).all()  # dewpoint never above the temperature
+    cams = xr.open_dataset(root / "cams" / "cams_eac4_2018-01.nc")
+    assert cams["so2"].dims == ("valid_time", "model_level", "latitude", "longitude")
+    assert cams["model_level"].values.tolist() == [60.0] and cams["pm2p5"].attrs["units"] == "kg m**-3"
+    assert cams["go3"].attrs["units"] == "kg kg**-1" and float(cams["go3"].max()) < 1e-6  # a mixing ratio
+    assert set(np.diff(cams["valid_time"].values).astype("timedelta64[h]").astype(int).tolist()) == {3}
+    assert np.diff(cams.longitude).min() == pytest.approx(1.5)
+    invariant = xr.open_dataset(root / "era5" / "era5_invariant.nc")
+    assert invariant.sizes["valid_time"] == 1 and invariant["z"].attrs["units"] == "m**2 s**-2"
+    assert invariant["lsm"].attrs["units"] == "(0 - 1)"
+    with h5py.File(root / "population" / "population_density.nc") as f:
+        assert f["population_density"].attrs["_FillValue"] == -9999.0
+    found = describe_sources(tiny_sample.data)  # the build's own checks accept them
+    assert found.missing_times == [] and found.loss_mask.dtype == bool
+
+
+def test_deterministic_and_seeded(tiny_sample, tmp_path):
+    again = _config(tmp_path / "a")
+    other = _config(tmp_path / "b", seed=7)
+    for cfg in (again, other):
+        write_sample(cfg, progress=False)
+    name = Path("cams") / "cams_eac4_2018-01.nc"
+    a, b, c = (xr.open_dataset(Path(cfg.data.sample.dir) / name) for cfg in (tiny_sample, again, other))
+    for var in a.data_vars:
+        np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=var)
+    assert not np.array_equal(a["pm2p5"].values, c["pm2p5"].values)
+    z = [xr.open_dataset(Path(cfg.data.sample.dir) / "era5" / "era5_invariant.nc")["z"].values for cfg in (again, other)]
+    np.testing.assert_array_equal(*z)  # terrain is not random
+
+
+def test_skip_overwrite_and_refuse(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    root = write_sample(cfg, progress=False)
+    stamp = (root / MANIFEST).stat().st_mtime_ns
+    assert write_sample(cfg, progress=False) == root and (root / MANIFEST).stat().st_mtime_ns == stamp
+    assert "up to date" in capsys.readouterr().out
+    write_sample(cfg, overwrite=True, progress=False)
+    assert (root / MANIFEST).stat().st_mtime_ns != stamp
+    write_sample(_config(tmp_path, seed=5), progress=False)  # same folder, another config: regenerated
+    assert "another config" in capsys.readouterr().out
+    assert not list(root.rglob(".*.tmp"))  # no temporary left behind
+    foreign = tmp_path / "theirs"
+    (foreign / "era5").mkdir(parents=True)
+    (foreign / "era5" / "download.nc").write_bytes(b"somebody's reanalysis")
+    theirs = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "sample": cfg.data.sample.model_copy(update={"dir": foreign})})})
+    with pytest.raises(SampleError, match="not written by `pipeline sample`"):
+        write_sample(theirs, progress=False)
+    assert (foreign / "era5" / "download.nc").read_bytes() == b"somebody's reanalysis"
+
+
+def test_cli_set_overrides(tmp_path, capsys):
+    config = demo_config(tmp_path, TINY, 2)
+    args = ["sample", "--config", str(config), "--set", "data.sample.seed=3", "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_the_built_sample_is_physically_sane(demo_winter):
+    """What the build makes of the sample's ERA5/CAMS-like files: regridded, RH derived from the dewpoint,
+    mixing ratios turned into concentrations with the air density."""
+    ds = demo_winter
+    f = {str(v): ds["fields"].sel(var=v).values for v in ds["var"].values}
+    z = ds["elevation"].values
+    land = ds["loss_mask"].values
+    pop = ds["static"].sel(static_var="population").values
+    for name in ("pm25", "pm10", "so2", "no2", "co", "o3"):
+        assert np.isfinite(f[name]).all() and (f[name] > 0).all(), name
+    assert (f["pm25"] <= f["pm10"] * 1.02 + 1e-3).all()  # PM2.5 is part of PM10 (up to interpolation)
+    assert ((f["rh"] > 0) & (f["rh"] <= 100.5)).all()
+    plateau, plains = z > 4000, (z < 200) & (pop > 300) & land
+    assert plateau.sum() > 20 and plains.sum() > 10
+    pm = f["pm25"].mean(0)
+    assert pm[plains].mean() > 4 * pm[plateau].mean()  # emissions from low populated land, blocked uphill
+    assert 30 < pm[plains].mean() < 400  # tens to a few hundred ug/m3 in the winter plains
+    assert 0.3 < f["co"][:, plains].mean() < 3.0  # mg m-3, from kg kg**-1 via p / (R_d T)
+    assert 5 < f["o3"].mean() < 150
+    assert float(f["psfc"][:, plateau].max()) < 64000 < 98000 < float(f["psfc"][:, z < 100].min())
+    slope = np.polyfit(z[land], f["temp"].mean(0)[land], 1)[0]
+    assert -0.009 < slope < -0.004  # K per m: the 6.5 K/km lapse rate shows through the climatology
+    hourly = f["pm25"][:, plains].mean(1)
+    hour = ds.time.dt.hour.values
+    assert hourly[hour == 18].mean() > 1.3 * hourly[hour == 6].mean()  # ~02 vs ~14 local: nocturnal layer
+    assert (pop[land] * z[land]).sum() / pop[land].sum() < 0.3 * z[land].mean()  # people live low
+    assert (pop[~land] >= 0).all()
+
+
+def test_population_comes_back_exactly_and_sea_fill_becomes_zero(tmp_path):
+    """Split 4 x 4 into the raster and regridded conservatively back: the simulation's own values on land."""
+    from pipeline.sample.simulate import make_surface
+
+    cfg = _config(tmp_path)
+    write_sample(cfg, progress=False)
+    found = describe_sources(cfg.data)
+    ground = regrid_elevation(cfg.data.domain)
+    want = make_surface(Grid.from_domain(cfg.data.domain), ground.elevation, ground.land_fraction, 0).population
+    got = found.static[cfg.data.names_of("static").index("population")]
+    land = ground.land_fraction > 0
+    np.testing.assert_allclose(got[land], want[land], rtol=1e-5)
+    assert (got[~land] == 0).all()
 
 
 def test_terrain_at_known_places():
@@ -90,104 +201,11 @@ def test_regrid_is_the_area_mean_of_the_source_cells():
             assert got.land_fraction[i, j] == pytest.approx(land, abs=1e-9)
 
 
-def test_layout_matches_what_the_build_reads(tiny_sample, tmp_path):
-    ds = xr.open_dataset(tiny_sample.data.raw)
-    ref_cfg = _config(tmp_path)
-    ref = write_synthetic_source(ref_cfg)
-    assert set(ds.data_vars) == set(ref.data_vars)
-    for name in ref.data_vars:
-        assert ds[name].dims == ref[name].dims, name
-        assert ds[name].attrs["units"] == ref[name].attrs["units"], name
-        assert ds[name].dtype == np.float32, name
-    np.testing.assert_allclose(ds.latitude, ref.latitude)
-    np.testing.assert_allclose(ds.longitude, ref.longitude)
-    assert (np.diff(ds.latitude) < 0).all()  # descending, like ERA5
-    np.testing.assert_array_equal(ds.time, ref.time)
-    assert ds.latitude.attrs["units"] == "degrees_north" and ds.longitude.attrs["units"] == "degrees_east"
-    assert ds.time.attrs["standard_name"] == "time"
-    assert set(np.unique(ds.lsm)) <= {0.0, 1.0}
-    for spec in tiny_sample.data.variables:  # units exactly as the config declares
-        if spec.source:
-            assert ds[spec.source].attrs["units"] == spec.units
-    found = describe_source(tiny_sample)  # the build's own validation accepts it
-    assert found.missing_times == [] and found.loss_mask.dtype == bool
-
-
-def test_deterministic_and_seeded(tiny_sample, tmp_path):
-    again = _config(tmp_path / "a", time_chunk=5)  # other write blocks, same data
-    other = _config(tmp_path / "b", seed=7)
-    a = xr.open_dataset(tiny_sample.data.raw)
-    b = xr.open_dataset(write_sample(again, progress=False))
-    c = xr.open_dataset(write_sample(other, progress=False))
-    for name in a.data_vars:
-        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
-    assert not np.array_equal(a["pm2p5"].values, c["pm2p5"].values)
-    np.testing.assert_array_equal(a["orography"].values, c["orography"].values)  # terrain is not random
-
-
-def test_skip_overwrite_and_refuse(tmp_path, capsys):
-    cfg = _config(tmp_path)
-    path = write_sample(cfg, progress=False)
-    stamp = path.stat().st_mtime_ns
-    assert write_sample(cfg, progress=False) == path and path.stat().st_mtime_ns == stamp
-    assert "up to date" in capsys.readouterr().out
-    write_sample(cfg, overwrite=True, progress=False)
-    assert path.stat().st_mtime_ns != stamp
-    changed = _config(tmp_path, seed=5)  # same path, another config: regenerated
-    write_sample(changed, progress=False)
-    assert "another config" in capsys.readouterr().out
-    assert not list(tmp_path.glob(".raw.nc.tmp*"))  # no temporary left behind
-    path.write_bytes(b"somebody's reanalysis")
-    with pytest.raises(SampleError, match="not written by `pipeline sample`"):
-        write_sample(cfg, progress=False)
-    assert path.read_bytes() == b"somebody's reanalysis"
-
-
-def test_cli_set_overrides(tmp_path, capsys):
-    config = write_config(tiny_raw_config(tmp_path), tmp_path / "tiny.yaml")
-    args = ["sample", "--config", str(config), "--set", "data.sample.seed=3", "--no-progress"]
-    assert main(args) == 0
-    assert xr.open_dataset(tmp_path / "raw.nc").attrs["seed"] == 3
-    assert main(args) == 0
-    assert "up to date" in capsys.readouterr().out
-    assert main(["sample", "--config", str(config), "--set", "data.variables=[{name: blh, source: blh, units: m}]",
-                 "--set", "data.targets=[]", "--set", "data.wind=[blh, blh]", "--overwrite", "--no-progress"]) == 2
-    assert "cannot simulate" in capsys.readouterr().err
-
-
-def test_physical_sanity(demo_winter):
-    ds = demo_winter
-    for name in ("pm2p5", "pm10", "so2", "no2", "co", "go3"):
-        assert np.isfinite(ds[name]).all() and (ds[name] > 0).all(), name
-    assert (ds.pm2p5 <= ds.pm10 + 1e-3).all()  # PM2.5 is part of PM10
-    assert ((ds.r2 >= 0) & (ds.r2 <= 100)).all()
-    z = ds.orography.values
-    plateau, plains = z > 4000, (z < 200) & (ds.population.values > 300) & (ds.lsm.values == 1)
-    assert plateau.sum() > 20 and plains.sum() > 10
-    pm = ds.pm2p5.mean("time").values
-    assert pm[plains].mean() > 4 * pm[plateau].mean()  # emissions from low populated land, blocked uphill
-    assert 30 < pm[plains].mean() < 400  # tens to a few hundred ug/m3 in the winter plains
-    assert 0.3 < ds.co.values[:, plains].mean() < 3.0  # mg m-3
-    assert 5 < ds.go3.mean() < 150
-    assert float(ds.sp.values[:, plateau].max()) < 64000 < 98000 < float(ds.sp.values[:, z < 100].min())
-    t_mean = ds.t2m.mean("time").values
-    slope = np.polyfit(z[ds.lsm.values == 1], t_mean[ds.lsm.values == 1], 1)[0]
-    assert -0.009 < slope < -0.004  # K per m: the 6.5 K/km lapse rate shows through the climatology
-    hourly = ds.pm2p5.values[:, plains].mean(1)
-    assert hourly.std() / hourly.mean() > 0.1  # weather and the boundary layer move it around
-    hour = ds.time.dt.hour.values
-    night, afternoon = hourly[hour == 18].mean(), hourly[hour == 6].mean()  # ~02 and ~14 local time in China
-    assert night > 1.3 * afternoon  # shallow nocturnal boundary layer concentrates, daytime mixing dilutes
-    land = ds.lsm.values == 1
-    pop = ds.population.values
-    assert (pop[land] * z[land]).sum() / pop[land].sum() < 0.3 * z[land].mean()  # people live low
-
-
 def test_barometric_and_magnus_formulas():
     # ICAO standard atmosphere: 89 875 Pa at 1000 m, 54 020 Pa at 5000 m
     assert barometric_pressure(np.array(101325.0), np.array(288.15), np.array(1000.0)) == pytest.approx(89875, rel=1e-3)
     assert barometric_pressure(np.array(101325.0), np.array(288.15), np.array(5000.0)) == pytest.approx(54020, rel=1e-3)
-    assert saturation_vapour_pressure(np.array(293.15)) == pytest.approx(2337, rel=5e-3)  # 20 C
+    assert saturation_vapour_pressure(np.array(20.0)) == pytest.approx(2337, rel=5e-3)  # 20 C
 
 
 @settings(max_examples=60, deadline=None)
@@ -249,9 +267,7 @@ def test_strong_wind_crosses_ridges_more_easily():
 
 
 def test_a_config_without_a_sample_section_is_told_how_to_add_one(tmp_path, capsys):
-    raw = tiny_raw_config(tmp_path)
-    del raw["data"]["sample"]
-    config = write_config(raw, tmp_path / "tiny.yaml")
+    config = demo_config(tmp_path, TINY, 2, sample=None)
     assert main(["sample", "--config", str(config), "--no-progress"]) == 2
-    assert "no data.sample section: add `sample: {seed: 0}`" in capsys.readouterr().err
-    assert not (tmp_path / "raw.nc").exists()
+    assert "no data.sample section: add `sample: {dir: data/demo/raw}`" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists()

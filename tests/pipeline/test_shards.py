@@ -16,7 +16,7 @@ import zarr
 from pipeline.__main__ import main as pipeline_main
 from pipeline.codec import SAMPLE_MEMBERS, STATIC_MEMBERS
 from pipeline.config import PipelineConfig
-from pipeline.shard import INPUT_MISSING, TAR_MTIME, TAR_OWNER, write_shards
+from pipeline.shard import INPUT_MISSING, TARGET_MISSING, TAR_MTIME, TAR_OWNER, write_shards
 from pipeline.shardset import read_manifest, summarize_shard_set, validate_shard_set
 from pipeline.store import open_features
 from topoflow.errors import StoreError
@@ -147,7 +147,7 @@ def test_interrupted_run_resumes(tiny_store: PipelineConfig, tmp_path: Path) -> 
     assert read_manifest(tmp_path / "s").complete
 
 
-def test_missing_input_times_are_skipped_and_counted(tiny_store: PipelineConfig, tmp_path: Path) -> None:
+def test_samples_with_a_missing_input_or_target_are_skipped_and_counted(tiny_store: PipelineConfig, tmp_path: Path) -> None:
     store = tmp_path / "features.zarr"
     shutil.copytree(tiny_store.data.store, store)
     valid = zarr.open_group(str(store), mode="r+")["valid"]
@@ -157,12 +157,15 @@ def test_missing_input_times_are_skipped_and_counted(tiny_store: PipelineConfig,
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": store})})
     write_shards(cfg, progress=False)
     manifest = read_manifest(tmp_path / "s")
-    assert manifest.splits["train"].skipped == {INPUT_MISSING: ["train_00000005"]}
-    assert manifest.splits["val"].skipped == {INPUT_MISSING: ["val_00000006"]}
+    # leads 3, 6, 12 h = 1, 2, 4 steps: inputs 1, 3 and 4 reach the gap at 5 (input 6 is past it; val's 6 likewise)
+    assert manifest.splits["train"].skipped == {INPUT_MISSING: ["train_00000005"],
+                                                TARGET_MISSING: ["train_00000001", "train_00000003", "train_00000004"]}
+    assert manifest.splits["val"].skipped == {INPUT_MISSING: ["val_00000006"],
+                                              TARGET_MISSING: ["val_00000002", "val_00000004", "val_00000005"]}
     keys = [k for s in manifest.splits["train"].shards for k in read_tar(tmp_path / "s" / s.name)]
-    assert len(keys) == 23 and "train_00000005" not in keys
+    assert len(keys) == 20 and "train_00000005" not in keys and "train_00000004" not in keys
     assert validate_shard_set(tmp_path / "s") == []
-    assert f"1 {INPUT_MISSING}" in summarize_shard_set(tmp_path / "s")
+    assert f"1 {INPUT_MISSING}, 3 {TARGET_MISSING}" in summarize_shard_set(tmp_path / "s")
 
 
 def test_max_size_limits_shard_bytes(tiny_store: PipelineConfig, tmp_path: Path) -> None:
