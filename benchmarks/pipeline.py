@@ -36,31 +36,33 @@ from pipeline.cluster import dask_client
 from pipeline.config import PipelineConfig, load_pipeline_config
 from pipeline.scan import scan_orders
 from pipeline.store import encodings
-from tests.helpers import REPO, write_synthetic_source
+from tests.helpers import REPO, tiny_raw_config, write_config, write_synthetic_source
 from topoflow.config import add_override_argument
 
 
 def bench_config(workdir: Path, steps: int, overrides: list[str]) -> PipelineConfig:
-    """configs/topoflow_china.yaml with its period cut to `steps` hours and paths in workdir."""
-    raw = yaml.safe_load((REPO / "configs" / "topoflow_china.yaml").read_text())
+    """The reference grid of configs/topoflow_china.yaml (128x256, patch 2, 32x32 regions, its build
+    settings) over `steps` hours, reading one prepared file in workdir (the tests' prepared-file recipe)."""
+    china = yaml.safe_load((REPO / "configs" / "topoflow_china.yaml").read_text())
+    raw = tiny_raw_config(workdir)
     start = np.datetime64("2016-01-01T00:00")
     at = lambda h: str(start + np.timedelta64(int(h), "h"))  # noqa: E731
-    data = raw["data"]
-    data.update(raw=str(workdir / "raw.nc"), store=str(workdir / "features.zarr"), shards=str(workdir / "shards"))
     cut = steps * 2 // 3
-    data["splits"] = {"train": {"start": at(0), "end": at(cut - 1)}, "val": {"start": at(cut), "end": at(steps - 1)}}
-    path = workdir / "bench.yaml"
-    path.write_text(yaml.safe_dump({k: raw[k] for k in ("data", "build", "shard")}))
-    return load_pipeline_config(path, overrides)
+    raw["data"].update(domain=china["data"]["domain"], step_hours=1, regions=china["data"]["regions"],
+                       leads_h=china["data"]["leads_h"], splits={"train": {"start": at(0), "end": at(cut - 1)},
+                                                                 "val": {"start": at(cut), "end": at(steps - 1)}})
+    raw["build"], raw["shard"] = china["build"], china["shard"]
+    return load_pipeline_config(write_config(raw, workdir / "bench.yaml"), overrides)
 
 
 def dynamic_sources(cfg: PipelineConfig) -> list[str]:
-    return [v.source for v in cfg.data.variables if v.kind == "dynamic"]
+    prepared = cfg.data.sources[0]
+    return [prepared.selection(v.name).var for v in cfg.data.variables if v.kind == "dynamic"]
 
 
 def plain_copy(cfg: PipelineConfig, target: Path) -> None:
     """The I/O reference: the same dynamic variables, time chunks and compressor, no features."""
-    with xr.open_dataset(cfg.data.raw, chunks={"time": cfg.build.time_chunk}) as src:
+    with xr.open_dataset(cfg.data.sources[0].files, chunks={"time": cfg.build.time_chunk}) as src:
         dyn = src[dynamic_sources(cfg)]
         dyn.to_zarr(target, mode="w", encoding=encodings(dyn, cfg.build), zarr_format=cfg.build.zarr_format,
                     consolidated=False)
@@ -181,7 +183,8 @@ def main() -> None:
     src = write_synthetic_source(cfg)
     result = {"grid": list(cfg.data.layout.grid), "tokens": cfg.data.layout.n_tokens, "regions": list(cfg.data.regions),
               "dynamic_variables": len(cfg.data.dynamic_names), "steps": args.steps,
-              "time_chunk": cfg.build.time_chunk, "source_mb": round(Path(cfg.data.raw).stat().st_size / 2**20, 1),
+              "time_chunk": cfg.build.time_chunk,
+              "source_mb": round(Path(cfg.data.sources[0].files).stat().st_size / 2**20, 1),
               "repeats": args.repeats, **time_build_and_copy(cfg, workdir, args.repeats),
               **time_scan(cfg, src, args.repeats, args.loop_steps)}
     save_result("pipeline", result)

@@ -1,7 +1,7 @@
 """Wall time of `pipeline sample` on the demo grid (32x64, hourly) and the reference grid (128x256).
 
-Both runs use `write_sample` exactly as the CLI does (terrain, simulation, compressed NetCDF
-writes, rename), into a temporary folder. Reported: wall seconds, simulated hours (including the
+Both runs use `write_sample` exactly as the CLI does (terrain, simulation, the ERA5-like, CAMS-like and
+population files), into a temporary folder. Reported: wall seconds, simulated hours (including the
 10-day spin-up), ms per simulated hour, a per-year extrapolation, the cost ratio between the
 grids (16x the cells), CPU seconds beside wall seconds (the machine is shared), and the peak resident memory of the process (bounded by the time-block
 writes, not by the period). Writes benchmarks/results/sample.json.
@@ -32,7 +32,7 @@ def measure(config: str, days: int, workdir: Path) -> dict:
     """Simulate `days` days hourly from 2018-01-01 on the config's grid; time it."""
     end = pd.Timestamp("2018-01-01") + pd.Timedelta(days=days) - pd.Timedelta(hours=1)
     overrides = [
-        f"data.raw={workdir / Path(config).stem}.nc",
+        f"data.sample={{dir: {workdir / Path(config).stem}, seed: 0}}",
         "data.step_hours=1",
         f'data.splits={{train: {{start: "2018-01-01T00:00", end: "{end:%Y-%m-%dT%H:%M}"}}}}',
     ]
@@ -51,7 +51,7 @@ def measure(config: str, days: int, workdir: Path) -> dict:
         "ms_per_hour": round(1e3 * wall / hours, 3),
         "year_extrapolated_wall_s": round(wall / hours * (HOURS_PER_YEAR + SPINUP_DAYS * 24), 1),
         "year_extrapolated_cpu_s": round(cpu / hours * (HOURS_PER_YEAR + SPINUP_DAYS * 24), 1),
-        "file_mb": round(path.stat().st_size / 2**20, 1),
+        "files_mb": round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1),
     }
 
 

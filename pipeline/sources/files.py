@@ -159,7 +159,8 @@ def read_layer(ds: xr.Dataset, source: SourceSpec, name: str, positions: np.ndar
     if "time" not in data.dims:  # one time per file (filename_time)
         return np.repeat(_merge_releases(data)[None], len(positions), axis=0)
     first, last = int(positions.min()), int(positions.max())
-    return _merge_releases(data.isel(time=slice(first, last + 1)))[positions - first]
+    slab = _merge_releases(data.isel(time=slice(first, last + 1)))
+    return slab if len(positions) == last - first + 1 and (np.diff(positions) == 1).all() else slab[positions - first]
 
 
 def _same_data(source: SourceSpec, a: tuple[xr.Dataset, int], b: tuple[xr.Dataset, int]) -> bool:
