@@ -160,9 +160,6 @@ class StoreRecord(Strict):
     def units(self) -> dict[str, str]:
         return {v.name: v.units for v in self.variables}
 
-    def split_range(self, split: str) -> TimeRange:
-        return self.splits[split]
-
 
 def _variable_changes(stored: list[dict[str, str]], wanted: list[dict[str, str]]) -> str:
     """Which variables only the store has, only the config has, or differ in kind/units or order."""

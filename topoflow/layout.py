@@ -68,10 +68,5 @@ class PatchLayout(Strict):
         return self.regions[0] * self.regions[1]
 
     @cached_property
-    def region_cells(self) -> tuple[int, int]:
-        """Grid cells per region (rows, cols)."""
-        return self.grid[0] // self.regions[0], self.grid[1] // self.regions[1]
-
-    @cached_property
     def order_dtype(self) -> np.dtype:
         return order_dtype(self.n_tokens)

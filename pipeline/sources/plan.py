@@ -15,7 +15,7 @@ from pipeline.recipe import BUILTINS
 from pipeline.sources.derived import FORMULAS
 from pipeline.sources.files import Catalog, build_catalog, open_file
 from pipeline.sources.grid import regridder
-from pipeline.sources.units import DENSITY_UNITS, Conversion, conversion
+from pipeline.sources.units import Conversion, conversion
 from topoflow.errors import SourceError
 
 BUILTIN_UNITS = {"dem_elevation": "m", "dem_land_fraction": "1"}
@@ -118,5 +118,3 @@ def make_plan(data: DataConfig) -> SourcePlan:
     conversions = {v.name: _model_conversion(data, v, units) for v in data.variables if v.kind != "coordinate"}
     return SourcePlan(data, tuple(catalogs), owner, units, static, conversions)
 
-
-__all__ = ["DENSITY_UNITS", "SourcePlan", "make_plan"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.recipe import BUILTINS
 from pipeline.sources.derived import FORMULAS
 from pipeline.sources.dem import regrid_elevation
 from pipeline.sources.files import Catalog, read_layer
@@ -159,9 +160,14 @@ def check_finite(sums: np.ndarray, names: list[str], times: np.ndarray) -> None:
 
 def read_statics(plan: SourcePlan) -> dict[str, np.ndarray]:
     """Every static pool variable the config uses, on the target grid (H, W), in its pool units."""
-    dem = regrid_elevation(plan.data.domain)
-    pool: dict[str, np.ndarray] = {"dem_elevation": dem.elevation.astype(np.float32),
-                                   "dem_land_fraction": dem.land_fraction.astype(np.float32)}
+    data = plan.data
+    wanted = {v.recipe_name for v in data.variables if v.kind == "static"} | {data.static.elevation}
+    wanted |= {data.static.loss_mask.variable} if data.static.loss_mask else set()
+    wanted |= {a for d in data.derived.values() for a in d.args.values()}
+    pool: dict[str, np.ndarray] = {}
+    if wanted & set(BUILTINS):  # the embedded DEM only when the recipe uses it
+        dem = regrid_elevation(plan.data.domain)
+        pool.update(dem_elevation=dem.elevation.astype(np.float32), dem_land_fraction=dem.land_fraction.astype(np.float32))
     for catalog in plan.catalogs:
         if catalog.static:
             regrid = regridder(catalog, plan.data.domain)
