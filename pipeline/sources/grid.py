@@ -168,8 +168,6 @@ class Curvilinear:
 def _bucket_mean(resampler: object, n_target: int, shape: tuple[int, int]):  # noqa: ANN202
     """Average of the source points in each target cell, one sparse product for all layers (pyresample's
     bucket indices; its dask `get_average` took 140 ms per layer, measured)."""
-    import scipy.sparse
-
     idxs = np.asarray(resampler.idxs).ravel()
     inside = (idxs >= 0) & (idxs < n_target)
     points = scipy.sparse.csr_matrix((np.ones(inside.sum()), (idxs[inside], np.flatnonzero(inside))),
