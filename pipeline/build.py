@@ -41,8 +41,11 @@ from pipeline.statistics import N_MOMENTS, ChangePlan, block_moments, grid_momen
 from pipeline.store import PROGRESS_GROUP, consolidate, encodings, partial_path, read_record, template
 from topoflow.config import add_override_argument, config_hash
 from topoflow.errors import SourceError, StoreError
+from topoflow.files import writing
+from topoflow.lock import exclusive
 
 LAYOUT_KEYS = ("time_chunk", "zarr_format", "compressor", "compressor_level")  # build settings that change bytes
+KEPT = "then rerun build (finished blocks are kept)"
 
 
 def _git_version() -> str | None:
@@ -110,13 +113,11 @@ def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig)
     times = cfg.data.times().values
     ds = template(record, times, statics, cfg.build.time_chunk)
     try:
-        ds.to_zarr(tmp, mode="w", compute=False, encoding=encodings(ds, cfg.build), zarr_format=cfg.build.zarr_format,
-                   consolidated=False)
-        _progress_group(tmp, record, cfg, len(times))
-        os.rename(tmp, path)
-    except OSError as exc:
-        raise StoreError(f"cannot write the new store under {path.parent} ({exc.strerror or exc}): free disk space "
-                         "or fix permissions, then rerun build") from exc
+        with writing(path, "then rerun build"):
+            ds.to_zarr(tmp, mode="w", compute=False, encoding=encodings(ds, cfg.build),
+                       zarr_format=cfg.build.zarr_format, consolidated=False)
+            _progress_group(tmp, record, cfg, len(times))
+            os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -141,7 +142,7 @@ def build_block(sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path
     names = [f"{v.name!r} (from {v.recipe_name!r})" for v in sources.data.variables if v.kind == "dynamic"]
     check_finite(sums[valid], names, times[valid])
     block = Block(record, fields, valid)
-    try:
+    with writing(path, KEPT):
         group = zarr.open_group(path, mode="r+")
         for out in TIME_OUTPUTS:
             group[out.name][start:stop] = block.output(out.name)
@@ -149,9 +150,6 @@ def build_block(sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path
         if len(steps):
             group[PROGRESS_GROUP]["change_frames"][start // plan.block, :len(steps)] = \
                 plan.thin(fields[steps - start][:, record.target_index])
-    except OSError as exc:
-        raise StoreError(f"writing {path} failed ({exc.strerror or exc}): free disk space or fix permissions, then "
-                         "rerun build (finished blocks are kept)") from exc
     train = record.splits["train"]
     in_train = valid & (times >= np.datetime64(train.start)) & (times <= np.datetime64(train.end))
     if in_train.all():  # no copy of the block in the usual case
@@ -181,8 +179,9 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePl
                     errors[i] = future.exception()
                     client.cancel([f for f, j in futures.items() if j > min(errors)])
                 elif future.status == "finished":
-                    moments[i] = future.result()
-                    done[i] = True
+                    with writing(path, KEPT):
+                        moments[i] = future.result()
+                        done[i] = True
                     bar.update()
     if errors:
         raise errors[min(errors)]
@@ -231,30 +230,34 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
                    progress: bool = True) -> Path:
     """Build (or resume, or confirm up to date) cfg.data.store; returns its path.
 
-    A store or unfinished build from a different config/source is refused unless overwrite=True.
+    A store or unfinished build from a different config/source is refused unless overwrite=True; a
+    second build of the same store while one runs is refused by the store's lock.
     """
     final = Path(cfg.data.store)
     found = describe_sources(cfg.data)
     new = StoreRecord.create(cfg.data, provenance(cfg, found), found.variables).model_copy(
         update={"missing_times": found.missing_times, "filled_times": found.filled_times})
-    if final.exists() and not overwrite:
-        old = read_record(final)
-        why = differences(old, new, cfg)
-        if why:
-            raise StoreError(f"{final} was built from other inputs:\n  " + "\n  ".join(why) +
-                             "\npass --overwrite to rebuild it, or set data.store to a new path")
-        if old.build_state == "complete":
-            if progress:
-                print(f"{final} is up to date (config and sources unchanged)")
-            return final
-    path = partial_path(final)
-    record = _resumable(path, new, cfg, overwrite)
-    if record is None:
-        record = new
-        path.parent.mkdir(parents=True, exist_ok=True)
-        init(path, record, Statics(record, found.static, found.elevation, found.loss_mask), cfg)
-    load(path, record, cfg, found.plan, scheduler, progress)
-    finalise(path, final, record, cfg)
+    with exclusive(final, "feature store"):
+        if final.exists() and not overwrite:
+            old = read_record(final)
+            why = differences(old, new, cfg)
+            if why:
+                raise StoreError(f"{final} was built from other inputs:\n  " + "\n  ".join(why) +
+                                 "\npass --overwrite to rebuild it, or set data.store to a new path")
+            if old.build_state == "complete":
+                if progress:
+                    print(f"{final} is up to date (config and sources unchanged)")
+                return final
+        path = partial_path(final)
+        record = _resumable(path, new, cfg, overwrite)
+        if record is None:
+            record = new
+            with writing(path.parent, "then rerun build"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            init(path, record, Statics(record, found.static, found.elevation, found.loss_mask), cfg)
+        load(path, record, cfg, found.plan, scheduler, progress)
+        with writing(final, KEPT):
+            finalise(path, final, record, cfg)
     return final
 
 

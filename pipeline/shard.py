@@ -17,6 +17,7 @@ from the first missing or damaged one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,12 +39,14 @@ from pipeline.shardset import (key_index, manifest_path, read_manifest, sample_k
 from pipeline.store import open_features
 from topoflow.config import add_override_argument
 from topoflow.errors import ShardSetError, StoreError
-from topoflow.files import atomic_write_bytes, sha256_file, sha256_json
+from topoflow.files import atomic_write_bytes, sha256_file, sha256_json, writing
+from topoflow.lock import exclusive
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00Z: a fixed mtime makes reruns byte-identical
 TAR_OWNER = "topoflow"  # uname/gname; uid/gid stay tarfile's default 0
 INPUT_MISSING = "input missing"  # skip reasons: the input time is a gap in the store,
 TARGET_MISSING = "target missing"  # or a target time t + lead inside the split is
+KEPT = "then rerun shard (finished shards are kept)"
 PER_TIME = tuple(o for o in TIME_OUTPUTS if o.member and o.name != "fields")  # small per-sample arrays
 
 
@@ -70,7 +73,7 @@ class _SplitWriter:
     """Writes one split's samples with webdataset's ShardWriter and records finished shards."""
 
     def __init__(self, root: Path, split: str, record: SplitRecord, cfg: ShardConfig, save: Callable[[], None]) -> None:
-        self.record, self.save = record, save
+        self.record, self.save, self.root = record, save, root
         self.pending: list[int] = []
         self.next_start = record.shards[-1].stop if record.shards else 0
         self.writer = wds.ShardWriter(
@@ -97,11 +100,21 @@ class _SplitWriter:
         self.save()
 
     def write(self, position: int, sample: dict[str, Any]) -> None:
-        self.writer.write(sample)  # may close the previous shard first (its post hook sees `pending`)
+        with writing(self.root, KEPT):
+            self.writer.write(sample)  # may close the previous shard first (its post hook sees `pending`)
         self.pending.append(position)
 
     def close(self) -> None:
-        self.writer.close()
+        with writing(self.root, KEPT):
+            self.writer.close()
+
+    def abort(self) -> None:
+        """Drop the shard being written (never renamed, never recorded): a failed run leaves no temporary tar."""
+        if self.writer.tarstream is not None:
+            with contextlib.suppress(Exception):
+                self.writer.tarstream.close()
+            self.writer.tarstream = None
+            Path(self.writer.fname).unlink(missing_ok=True)
 
 
 def _target_positions(times: np.ndarray, leads_h: list[int]) -> np.ndarray:
@@ -132,7 +145,6 @@ def _write_split(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, split
     store_index = split_index(ds.time.values, record, split)
     times, valid = ds.time.values[store_index], ds.valid.values[store_index]
     targets = _target_positions(times, record.leads_h)
-    tvars = record.target_index
     window = _Window(ds.fields, store_index)
     writer = _SplitWriter(root, split, out, cfg.shard, save)
     block = cfg.build.time_chunk
@@ -146,26 +158,39 @@ def _write_split(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, split
 
     bar.update(writer.next_start)
     starts = list(range(writer.next_start, len(times), block))
-    with dask.config.set(scheduler="threads"), ThreadPoolExecutor(1) as pool:
-        future = pool.submit(read, starts[0]) if starts else None
-        for i in range(len(starts)):
-            start, stop, rows, rows_start, per_time = future.result()
-            future = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
-            for pos in range(start, stop):
-                bar.update(1)
-                why = INPUT_MISSING if not valid[pos] else TARGET_MISSING if not valid[targets[pos][
-                    targets[pos] >= 0]].all() else None
-                if why:
-                    out.skipped.setdefault(why, []).append(sample_key(split, pos))
-                    continue
-                y = np.full((len(record.leads_h), len(tvars), *rows.shape[2:]), np.nan, dtype=np.float32)
-                for lead, tpos in enumerate(targets[pos]):
-                    if tpos >= 0:
-                        y[lead] = rows[tpos - rows_start][tvars]
-                writer.write(pos, _sample(split, pos, times[pos], rows[pos - rows_start], y, per_time, pos - start,
-                                          record.leads_h))
-    writer.close()
+    try:
+        with dask.config.set(scheduler="threads"), ThreadPoolExecutor(1) as pool:
+            future = pool.submit(read, starts[0]) if starts else None
+            for i in range(len(starts)):
+                start, stop, rows, rows_start, per_time = future.result()
+                future = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+                for pos in range(start, stop):
+                    bar.update(1)
+                    sample = _sample_at(pos, split, times, valid, targets, rows, rows_start, per_time, pos - start,
+                                        record, out)
+                    if sample is not None:
+                        writer.write(pos, sample)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     out.complete = True
+
+
+def _sample_at(pos: int, split: str, times: np.ndarray, valid: np.ndarray, targets: np.ndarray, rows: np.ndarray,
+               rows_start: int, per_time: dict[str, np.ndarray], j: int, record: StoreRecord, out: SplitRecord
+               ) -> dict[str, Any] | None:
+    """The sample of split position `pos`, or None (its skip reason recorded) if an input or target is missing."""
+    why = INPUT_MISSING if not valid[pos] else TARGET_MISSING if not valid[targets[pos][targets[pos] >= 0]].all() \
+        else None
+    if why:
+        out.skipped.setdefault(why, []).append(sample_key(split, pos))
+        return None
+    y = np.full((len(record.leads_h), len(record.target_index), *rows.shape[2:]), np.nan, dtype=np.float32)
+    for lead, tpos in enumerate(targets[pos]):
+        if tpos >= 0:
+            y[lead] = rows[tpos - rows_start][record.target_index]
+    return _sample(split, pos, times[pos], rows[pos - rows_start], y, per_time, j, record.leads_h)
 
 
 def _write_static(ds: xr.Dataset, root: Path) -> dict[str, StaticEntry]:
@@ -229,7 +254,16 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
                          "\nrebuild it with `python -m pipeline build --config CONFIG --overwrite`")
     sizes = {k: len(split_index(ds.time.values, record, k)) for k in record.splits}
     root = Path(cfg.data.shards)
-    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root, "shard set"):
+        with writing(root, KEPT):
+            root.mkdir(parents=True, exist_ok=True)
+        _write_shard_set(ds, record, cfg, root, sizes, progress)
+    return manifest_path(root)
+
+
+def _write_shard_set(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, root: Path, sizes: dict[str, int],
+                     progress: bool) -> None:
+    """Manifest first (resuming from the shards that still verify), then every split, then `complete`."""
     plan = ShardPlan(store_fingerprint=sha256_json(record.model_dump(mode="json")), max_count=cfg.shard.max_count,
                      max_size=cfg.shard.max_size)
     old = _old_manifest(root)
@@ -249,7 +283,6 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
     _remove_stale(root, old, manifest)
     manifest.complete = True
     save()
-    return manifest_path(root)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -86,6 +86,23 @@ def load_sections(model: type[Model], path: str | Path, overrides: list[str] | N
     return validate_section(model, {k: raw[k] for k in sections if k in raw}, str(path))
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested config sections as dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (before, after) for every value that differs between two nested configs."""
+    old, new = flatten(before), flatten(after)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
 def config_hash(config: BaseModel) -> str:
     """Stable short hash of a config section, recorded in provenance to detect changed configs."""
     return sha256_json(config.model_dump(mode="json"))[:16]

@@ -33,3 +33,8 @@ class CheckpointError(TopoFlowError):
 
 class TrainingError(TopoFlowError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the batch."""
+
+
+class OutputError(TopoFlowError):
+    """An output that cannot be written (full disk, read-only file system, no permission, or another
+    run holding it); the message names the path, the cause and the fix."""

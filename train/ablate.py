@@ -1,7 +1,8 @@
 """`python -m train ablate`: train every configured variant with every seed and tabulate val loss.
 
 Each (variant, seed) trains in its own run directory under ablate.run_dir, so an interrupted
-ablation restarts where it stopped: finished runs are reused, a run with a last.ckpt resumes.
+ablation restarts where it stopped: finished runs are reused, a run with a last.ckpt resumes, a run
+without one starts afresh (`fit`'s --resume rule).
 The verdict compares against the reference experiment's criteria (baseline 0.3557, target < 0.32)
 and against the no-physics arm of this very ablation, which is the comparison that transfers to
 any dataset.
@@ -17,7 +18,6 @@ import numpy as np
 
 from topoflow.errors import TrainingError
 from topoflow.files import atomic_write_bytes, atomic_write_json
-from train.checkpoint import LAST
 from train.config import ExperimentConfig, load_experiment_config
 from train.distributed import DistEnv, init_distributed
 from train.fit import fit
@@ -66,7 +66,7 @@ def ablate(config_path: Path, overrides: list[str], *, progress: bool = True, en
             run_cfg = load_experiment_config(
                 config_path, [*overrides, *variant.overrides, f"train.seed={seed}", f"train.run_dir={run_dir}"])
             log.info("ablation %s seed %d -> %s", variant.name, seed, run_dir)
-            result = fit(run_cfg, resume=(run_dir / LAST).is_file(), progress=progress, env=env)
+            result = fit(run_cfg, resume=True, progress=progress, env=env)  # finished runs return at once
             if result.best_val_loss is None:
                 raise TrainingError(f"ablation run {run_dir} produced no finite validation loss: see its train.log")
             results[variant.name].append(result.best_val_loss)

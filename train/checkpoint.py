@@ -3,14 +3,13 @@
 Everything stored is a tensor or plain JSON-like data (the config as `model_dump(mode="json")`,
 numpy's RNG state as an int64 tensor), so `torch.load(weights_only=True)` reads it back. Files are
 written to a temporary name in the same folder and renamed, so a kill mid-write never leaves a
-truncated `last.ckpt`. Best-k files are named `best-val_loss=0.3557-step=311.ckpt`.
+truncated `last.ckpt`. Which files a run keeps, and which are its best: `train.rundir`.
 """
 
 from __future__ import annotations
 
 import io
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,13 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.records import MODEL_FACTS, StoreRecord
-from topoflow.errors import CheckpointError
+from topoflow.config import changed_keys
+from topoflow.errors import CheckpointError, ConfigError
 from topoflow.files import atomic_write_bytes
 
-LAST = "last.ckpt"
-_BEST_RE = re.compile(r"^best-val_loss=(?P<loss>[0-9.]+|nan|inf)-step=(?P<step>\d+)\.ckpt$")
+# Settings a resumed run must share with last.ckpt: they shape the state (model.*) or the batch sequence.
+SEQUENCE_KEYS = ("train.seed", "train.batch_size", "train.accumulate", "train.shuffle_buffer", "train.num_workers",
+                 "train.residual", "train.freeze_backbone", "train.init_from", "train.precision")
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -71,47 +72,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def best_checkpoints(run_dir: Path) -> list[tuple[float, int, Path]]:
-    """(val loss, step, path) of the best-k files in run_dir, lowest loss first."""
-    found = []
-    for path in Path(run_dir).glob("best-*.ckpt"):
-        match = _BEST_RE.match(path.name)
-        if match:
-            found.append((float(match["loss"]), int(match["step"]), path))
-    return sorted(found)
-
-
-def best_name(val_loss: float, step: int) -> str:
-    return f"best-val_loss={val_loss:.4f}-step={step}.ckpt"
-
-
-def update_best(run_dir: Path, payload: dict[str, Any], val_loss: float, step: int, top_k: int) -> Path | None:
-    """Save `payload` as a best checkpoint if it ranks in the top k, deleting the ones pushed out."""
-    if top_k <= 0 or not np.isfinite(val_loss):
-        return None
-    current = best_checkpoints(run_dir)
-    if len(current) >= top_k and val_loss >= current[top_k - 1][0]:
-        return None
-    path = Path(run_dir) / best_name(val_loss, step)
-    save_atomic(payload, path)
-    for _, _, old in best_checkpoints(run_dir)[top_k:]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def default_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint in run_dir (lowest val loss), else last.ckpt; a CheckpointError if neither exists."""
-    best = best_checkpoints(run_dir)
-    if best:
-        return best[0][2]
-    last = Path(run_dir) / LAST
-    if last.is_file():
-        return last
-    raise CheckpointError(
-        f"no checkpoint in {run_dir}: run `python -m train fit --config CONFIG` first or pass --checkpoint PATH"
-    )
-
-
 def check_data(ckpt: dict[str, Any], data: DataConfig, path: Path) -> None:
     """Refuse a checkpoint trained on another grid, patching, variables, targets or leads than `data`."""
     stored = ckpt.get("store_record")
@@ -123,3 +83,19 @@ def check_data(ckpt: dict[str, Any], data: DataConfig, path: Path) -> None:
         raise CheckpointError(f"{path} was trained on other data than the config describes:\n  " + "\n  ".join(why) +
                               "\nevaluate/resume with the config it was trained with, or fine-tune from it with "
                               "train.init_from (which adapts the position embedding to a new grid)")
+
+
+def resume_changes(ckpt: dict[str, Any], now: dict[str, Any], world_size: int, path: Path) -> list[str]:
+    """Refuse to resume with settings that change the model or the batch sequence (a ConfigError naming
+    each key); return the other changed keys as lines (they apply from the resumed step on)."""
+    saved = {section: ckpt["config"][section] for section in ("model", "train")}
+    changes = changed_keys(saved, {section: now[section] for section in ("model", "train")})
+    changes.pop("train.run_dir", None)  # a moved run directory is the same run
+    fixed = [k for k in changes if k.startswith("model.") or k in SEQUENCE_KEYS]
+    lines = [f"{k}: saved {changes[k][0]!r}, now {changes[k][1]!r}" for k in fixed]
+    if len(ckpt["rng"]) != world_size:
+        lines.append(f"processes (torchrun --nproc-per-node x nodes): saved {len(ckpt['rng'])}, now {world_size}")
+    if lines:
+        raise ConfigError(f"cannot resume {path} exactly with these settings:\n  " + "\n  ".join(lines) +
+                          "\nresume with the saved values, or start a new run (--set train.run_dir=NEW_DIR)")
+    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items() if k not in fixed]

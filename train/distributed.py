@@ -7,9 +7,13 @@ process without a process group, so every helper here is a no-op there.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import os
+import signal
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,8 +37,26 @@ class DistEnv:
         return self.world_size > 1
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when its launcher dies.
+
+    torchrun stops its ranks when it is signalled politely, but a SIGKILL'd (or OOM-killed) launcher
+    leaves them running: they would train on and overwrite last.ckpt under a new run. The standard
+    library has no prctl, hence ctypes (Linux only; elsewhere nothing changes).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # orphaned already: the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(timeout_s: int = 600) -> DistEnv:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU) and pick the device."""
+    die_with_launcher()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -67,3 +89,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object; rank 0's own value is returned unchanged)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order; [value] without a process group."""
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

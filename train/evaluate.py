@@ -22,14 +22,15 @@ from tqdm.auto import tqdm
 from model import ModelConfig
 from topoflow.errors import CheckpointError
 from topoflow.files import atomic_write_bytes, atomic_write_json
-from train.checkpoint import check_data, default_checkpoint, load_checkpoint
+from train.checkpoint import check_data, load_checkpoint
 from train.config import ExperimentConfig
-from train.distributed import DistEnv, all_reduce_sum, init_distributed
+from train.distributed import DistEnv, all_gather, all_reduce_sum, init_distributed
 from train.loader import ShardStream, loader_workers
 from train.logs import setup_logging
 from train.metrics import SkillAccumulator, exceedance_threshold
 from train.net import build_model, check_shards
 from train.report import markdown_report, plot_alphas, plot_maps, plot_rmse_by_lead, plot_scan_order
+from train.rundir import check_run_id, default_checkpoint
 from train.shards import load_shard_set
 from train.step import StepContext, forward
 
@@ -52,9 +53,13 @@ class Evaluation:
 
 
 def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evaluation:
-    """Read the checkpoint (default: evaluate.checkpoint, else the best in train.run_dir) and set up."""
-    path = Path(checkpoint or cfg.evaluate.checkpoint or default_checkpoint(Path(cfg.train.run_dir)))
+    """Read the checkpoint (default: evaluate.checkpoint, else this run's best in train.run_dir) and set up."""
+    chosen = checkpoint or cfg.evaluate.checkpoint
+    run_dir = Path(cfg.train.run_dir)
+    path = Path(chosen or default_checkpoint(run_dir))
     ckpt = load_checkpoint(path)
+    if chosen is None:
+        check_run_id(ckpt, run_dir, path)
     check_data(ckpt, cfg.data, path)
     shards = load_shard_set(cfg.data.shards)
     check_shards(cfg.data, shards)
@@ -83,8 +88,9 @@ def _map_sample(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, batch: An
 
 
 @torch.no_grad()
-def accumulate(ev: Evaluation, map_lead: int, progress: bool) -> tuple[Skill, dict[str, Any]]:
-    """Running skill sums of the model and of persistence, and one sample drawn at `map_lead`."""
+def accumulate(ev: Evaluation, map_lead: int, progress: bool) -> tuple[Skill, dict[str, Any], int]:
+    """Running skill sums of the model and of persistence, one sample drawn at `map_lead`, and the
+    number of real samples seen (this rank)."""
     shards, ctx = ev.ctx.shards, ev.ctx
     units = shards.record.units
     skill: Skill = {src: {p: {lead: SkillAccumulator(exceedance_threshold(p, units[p])) for lead in shards.leads_h}
@@ -93,9 +99,11 @@ def accumulate(ev: Evaluation, map_lead: int, progress: bool) -> tuple[Skill, di
     t_std = torch.as_tensor(shards.target_std, device=ctx.device).view(1, -1, 1, 1)
     lat_w = ctx.lat_w.cpu().numpy()[:, None]
     sample: dict[str, Any] = {}
+    evaluated = 0
     for i, batch in enumerate(tqdm(ev.loader, total=ev.n_batches, desc="evaluate", disable=not progress)):
         if i >= ev.n_batches:
             break
+        evaluated += int(batch.valid.sum())
         batch = batch.to(ctx.device)
         persistence = (batch.x[:, shards.target_index] * t_std + t_mean).cpu().numpy()
         for li, lead in enumerate(shards.leads_h):
@@ -109,7 +117,22 @@ def accumulate(ev: Evaluation, map_lead: int, progress: bool) -> tuple[Skill, di
                     skill[src][name][lead].update(fc[:, pi], truth[:, pi], mask[:, pi], lat_w)
             if lead == map_lead and not sample and bool(batch.valid[0]):
                 sample = _map_sample(pred, truth, mask, batch, ev)
-    return skill, sample
+    return skill, sample, evaluated
+
+
+def coverage(ev: Evaluation, evaluated: int, split: str, capped: bool) -> dict[str, Any]:
+    """How much of the split the skill covers (merged across ranks): samples expected and evaluated, and
+    the corrupt shards skipped (strict_data False); a gap is logged as a warning and shown in the report."""
+    total = sum(entry.count for entry in ev.ctx.shards.shards(split))
+    evaluated = int(all_reduce_sum(torch.tensor([evaluated], dtype=torch.int64, device=ev.ctx.device)).item())
+    skipped = sorted(set().union(*all_gather(sorted(ev.loader.skipped_shards))))
+    out = {"split": split, "samples": total, "evaluated": evaluated, "skipped_shards": skipped,
+           "capped_by_max_batches": capped}
+    if skipped or (evaluated < total and not capped):
+        log.warning("only %d of %d %s samples were evaluated; skipped corrupt shard(s): %s (rewrite them with "
+                    "`python -m pipeline shard --config CONFIG`, or set train.strict_data to make this an error)",
+                    evaluated, total, split, skipped or "none")
+    return out
 
 
 def metrics_of(skill: Skill, units: dict[str, str], device: torch.device) -> dict[str, Any]:
@@ -147,12 +170,20 @@ def report(ev: Evaluation, metrics: dict[str, Any], sample: dict[str, Any], map_
         "checkpoint": str(ev.path),
         "step": str(ev.ckpt.get("step")),
         "split": f"{split} ({ev.n_batches} batches of {ev.loader.batch_size})",
+        "samples": _coverage_line(metrics["data"]),
         "model": f"scan={ev.model_cfg.scan}, physics={physics}, residual={ev.ctx.scale is not None}",
         "learned alpha": ", ".join(f"{k}={np.round(v, 3).tolist()}" for k, v in alphas.items()) or "n/a (physics off)",
     }
     path = out_dir / "report.md"
     atomic_write_bytes(path, markdown_report(metrics, info, figures).encode())
     return path
+
+
+def _coverage_line(data: dict[str, Any]) -> str:
+    line = f"{data['evaluated']} of {data['samples']} evaluated"
+    if data["skipped_shards"]:
+        return f"**{line}: corrupt shard(s) {', '.join(data['skipped_shards'])} were skipped (strict_data off)**"
+    return line + (" (capped by evaluate.max_batches)" if data["capped_by_max_batches"] else "")
 
 
 def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: Path | None = None,
@@ -162,8 +193,9 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
     setup_logging(Path(cfg.train.run_dir), env.is_main)
     ev = load(cfg, checkpoint, env)
     map_lead = min(ev.ctx.shards.leads_h, key=lambda lead: abs(lead - cfg.evaluate.map_lead_h))
-    skill, sample = accumulate(ev, map_lead, progress and env.is_main)
+    skill, sample, evaluated = accumulate(ev, map_lead, progress and env.is_main)
     metrics = metrics_of(skill, ev.ctx.shards.record.units, env.device)
+    metrics["data"] = coverage(ev, evaluated, cfg.evaluate.split, ev.n_batches < len(ev.loader))
     out_dir = Path(output or cfg.evaluate.output or Path(cfg.train.run_dir) / "report")
     if not env.is_main:
         return out_dir / "report.md"

@@ -18,23 +18,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from model import load_pretrained
-from topoflow.errors import ConfigError, TrainingError
+from topoflow.errors import ConfigError, TopoFlowError, TrainingError
+from topoflow.lock import exclusive
 from train.batch import Batch
-from train.checkpoint import (LAST, best_checkpoints, check_data, load_checkpoint, rng_state, save_atomic,
-                              set_rng_state, update_best)
+from train.checkpoint import check_data, load_checkpoint, resume_changes, rng_state, save_atomic, set_rng_state
 from train.config import ExperimentConfig
-from train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from train.distributed import DistEnv, all_gather, all_reduce_sum, barrier, broadcast_from_main, init_distributed
 from train.loader import ShardStream, loader_workers
 from train.logs import ScalarLog, setup_logging
 from train.net import build_model, check_shards
 from train.optim import build_optimizer, build_scheduler
 from train.residual import zero_init_output
+from train.rundir import LAST, RunRecord, best_checkpoints, check_run_id, start_run, update_best
 from train.shards import load_shard_set
 from train.step import StepContext, training_loss, validate
 
@@ -75,16 +75,6 @@ def alpha_scalars(net: nn.Module) -> dict[str, float]:
     return out
 
 
-def _gather_rng(env: DistEnv) -> list[dict[str, Any]]:
-    """Every rank's RNG state (rank order), so a resumed DDP run continues each rank's stream."""
-    state = rng_state()
-    if not env.distributed:
-        return [state]
-    states: list[Any] = [None] * env.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
 class Trainer:
     """One fit: builds data, model and optimiser, runs the loop, writes logs and checkpoints."""
 
@@ -92,8 +82,10 @@ class Trainer:
         self.cfg, self.env, self.progress = cfg, env, progress
         self.run_dir = Path(cfg.train.run_dir)
         setup_logging(self.run_dir, env.is_main)
+        self.record: RunRecord | None = None  # rank 0's run record (best-k list)
+        self.run_id, restore = self._open_run(resume)
         self._data()
-        ckpt = self._model(resume)
+        ckpt = self._model(restore)
         tcfg = cfg.train
         self.step, self.epoch, self.best = 0, 0, math.inf
         self.trainable = [n for n, p in self.net.named_parameters() if p.requires_grad]
@@ -106,7 +98,24 @@ class Trainer:
         if env.distributed:
             self.model = DistributedDataParallel(self.net, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
         self.alpha_names = list(alpha_scalars(self.net))
-        self.log = ScalarLog(self.run_dir, self.alpha_names, self.step if resume else None) if env.is_main else None
+        self.log = ScalarLog(self.run_dir, self.alpha_names, self.step if restore else None) if env.is_main else None
+
+    def _open_run(self, resume: bool) -> tuple[str, bool]:
+        """Rank 0 claims run_dir (fresh, or resumed from last.ckpt: `train.rundir`); every rank learns the
+        outcome, so a refusal stops all ranks instead of leaving the others waiting in a collective."""
+        outcome: tuple[str, Any, bool] = ("ok", "", False)
+        if self.env.is_main:
+            try:
+                self.record, restore = start_run(self.run_dir, resume)
+                outcome = ("ok", self.record.run_id, restore)
+            except TopoFlowError as exc:
+                outcome = ("error", str(exc), False)
+                broadcast_from_main(outcome)
+                raise
+        status, run_id, restore = broadcast_from_main(outcome)
+        if status == "error":
+            raise TrainingError(f"rank 0 refused the run directory: {run_id}")
+        return run_id, restore
 
     def _data(self) -> None:
         """The shard set (checked against the config), its loaders and the step context."""
@@ -127,7 +136,7 @@ class Trainer:
                               f"{tcfg.accumulate}: lower accumulate or batch_size")
         self.total_steps = tcfg.max_steps or tcfg.epochs * self.steps_per_epoch
 
-    def _model(self, resume: bool) -> dict[str, Any] | None:
+    def _model(self, restore: bool) -> dict[str, Any] | None:
         """The network (fresh, fine-tuned from init_from, or about to be restored) and the step context;
         returns the checkpoint to restore, if any."""
         cfg, env, tcfg = self.cfg, self.env, self.cfg.train
@@ -136,9 +145,9 @@ class Trainer:
         if tcfg.residual:
             zero_init_output(self.net)
         torch.manual_seed(tcfg.seed + 7919 * (env.rank + 1))  # per-rank stream for dropout / drop-path
-        ckpt = load_checkpoint(self.run_dir / LAST) if resume else None
+        ckpt = load_checkpoint(self.run_dir / LAST) if restore else None
         if ckpt is not None:
-            check_data(ckpt, cfg.data, self.run_dir / LAST)
+            self._check_resumable(ckpt)
         scale = ckpt.get("residual_scale") if ckpt is not None else None  # a resumed run keeps its numbers
         self.ctx = StepContext.create(self.shards, cfg.model.scan, tcfg.residual, tcfg.precision, env.device, scale)
         if tcfg.init_from is not None and ckpt is None:
@@ -150,6 +159,15 @@ class Trainer:
             _trainable_after_freeze(self.net, ckpt["trainable"])
         return ckpt
 
+    def _check_resumable(self, ckpt: dict[str, Any]) -> None:
+        path = self.run_dir / LAST
+        check_data(ckpt, self.cfg.data, path)
+        check_run_id(ckpt, self.run_dir, path)
+        changed = resume_changes(ckpt, self.cfg.model_dump(mode="json"), self.env.world_size, path)
+        if changed:
+            log.warning("resuming with settings changed since %s (they apply from its step on): %s", path,
+                        "; ".join(changed))
+
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -157,16 +175,13 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.best = int(ckpt["step"]), int(ckpt["epoch"]), float(ckpt["best_val_loss"])
         self.train_loader.load_state_dict(ckpt["loader"])
-        states = ckpt["rng"]
-        if len(states) != self.env.world_size:
-            raise ConfigError(f"last.ckpt was written by {len(states)} process(es), this run has {self.env.world_size}: "
-                              "resume with the same number of processes")
-        set_rng_state(states[self.env.rank])
+        set_rng_state(ckpt["rng"][self.env.rank])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.run_dir / LAST, self.step, self.epoch,
                  self.train_loader.position)
 
     def _payload(self, val_loss: float | None) -> dict[str, Any]:
         return {
+            "run_id": self.run_id,
             "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -174,7 +189,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "loader": self.train_loader.state_dict(),
-            "rng": _gather_rng(self.env),
+            "rng": all_gather(rng_state()),  # every rank's stream, so a resumed DDP run continues each
             "config": self.cfg.model_dump(mode="json"),
             "store_record": self.shards.record.model_dump(mode="json"),
             "trainable": self.trainable,
@@ -184,13 +199,16 @@ class Trainer:
         }
 
     def _checkpoint(self, val_loss: float | None) -> None:
+        """Best (if it ranks) before last.ckpt: a kill between them replays this step and rewrites the same best."""
         payload = self._payload(val_loss)  # collective (RNG gather): every rank builds it
-        if self.env.is_main:
-            save_atomic(payload, self.run_dir / LAST)
-            if val_loss is not None:
-                saved = update_best(self.run_dir, payload, val_loss, self.step, self.cfg.train.save_top_k)
-                if saved:
-                    log.info("step %d: val_loss %.4f -> %s", self.step, val_loss, saved.name)
+        if not self.env.is_main:
+            return
+        if val_loss is not None:
+            saved = update_best(self.run_dir, self.record, payload, val_loss, self.step, self.cfg.train.save_top_k,
+                                save_atomic)
+            if saved:
+                log.info("step %d: val_loss %.4f -> %s", self.step, val_loss, saved.name)
+        save_atomic(payload, self.run_dir / LAST)
 
     def _micro_batches(self) -> Iterator[tuple[int, Batch]]:
         """(epoch, batch) until total_steps, each epoch cut to whole optimiser steps, resuming mid-epoch."""
@@ -262,7 +280,7 @@ class Trainer:
         barrier()
         best = best_checkpoints(self.run_dir)
         return FitResult(self.run_dir, self.step, self.best if math.isfinite(self.best) else None,
-                         best[0][2] if best else None, self.run_dir / LAST, self.net)
+                         best[0] if best else None, self.run_dir / LAST, self.net)
 
     def _optimizer_step(self, stats: torch.Tensor, bad_keys: list[str]) -> None:
         all_reduce_sum(stats)
@@ -290,5 +308,11 @@ class Trainer:
 
 
 def fit(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True, env: DistEnv | None = None) -> FitResult:
-    """Train as the config says; with resume=True continue from train.run_dir/last.ckpt."""
-    return Trainer(cfg, env or init_distributed(), resume, progress).run()
+    """Train as the config says; with resume=True continue from train.run_dir/last.ckpt if there is one.
+
+    Rank 0 holds run_dir's lock for the whole run: a second fit into the same directory is refused.
+    """
+    env = env or init_distributed()
+    lock = exclusive(Path(cfg.train.run_dir), "run directory") if env.is_main else contextlib.nullcontext()
+    with lock:
+        return Trainer(cfg, env, resume, progress).run()

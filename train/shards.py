@@ -94,6 +94,12 @@ class ShardSet:
 @functools.lru_cache(maxsize=8)
 def _load(root: str, manifest_mtime_ns: int) -> ShardSet:
     manifest = read_manifest(root)
+    if not manifest.complete:
+        unfinished = [split for split, record in manifest.splits.items() if not record.complete]
+        raise ShardSetError(f"shard set {root} is incomplete (writing was interrupted; unfinished split(s): "
+                            f"{unfinished or 'none, the manifest was not closed'}): training or evaluating on it would "
+                            "silently use part of the data. Finish it with `python -m pipeline shard --config CONFIG` "
+                            "(it keeps the shards already written)")
     arrays = {}
     for name, entry in manifest.static.items():
         path = Path(root) / entry.file
@@ -106,8 +112,8 @@ def _load(root: str, manifest_mtime_ns: int) -> ShardSet:
 
 
 def load_shard_set(shards_dir: str | Path) -> ShardSet:
-    """The shard set at `shards_dir`, cached per process (keyed by path and manifest mtime, so a
-    rewritten shard set is reloaded)."""
+    """The complete shard set at `shards_dir`, cached per process (keyed by path and manifest mtime, so a
+    rewritten shard set is reloaded); an incomplete one is a ShardSetError saying how to finish it."""
     path = manifest_path(shards_dir).resolve()
     try:
         mtime = path.stat().st_mtime_ns

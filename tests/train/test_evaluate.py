@@ -27,7 +27,10 @@ def test_evaluate_writes_report(tiny_experiment: dict, tmp_path: Path, capsys: p
 
     cfg = load_experiment_config(config)
     metrics = json.loads((report.parent / "metrics.json").read_text())
-    assert set(metrics) == {"model", "persistence", "units"}
+    assert set(metrics) == {"model", "persistence", "units", "data"}
+    n_test = 16  # 2018-01-05T00 .. 01-06T21, 3-hourly
+    assert metrics["data"] == {"split": "test", "samples": n_test, "evaluated": n_test, "skipped_shards": [],
+                               "capped_by_max_batches": False}
     assert metrics["units"] == {"pm25": "ug m-3", "pm10": "ug m-3", "so2": "ug m-3", "no2": "ug m-3",
                                 "co": "mg m-3", "o3": "ug m-3"}
     for source in ("model", "persistence"):
@@ -50,6 +53,7 @@ def test_evaluate_writes_report(tiny_experiment: dict, tmp_path: Path, capsys: p
         assert metrics["persistence"]["pm25"][lead]["bias"] == pytest.approx(err.mean(), rel=1e-3, abs=1e-3)
 
     text = report.read_text()
+    assert f"- samples: {n_test} of {n_test} evaluated\n" in text
     assert "| 3 | model |" in text and "| 3 | persistence |" in text
     for png in ("maps_lead12h.png", "rmse_by_lead.png", "alpha.png", "scan_order.png"):
         path = report.parent / png

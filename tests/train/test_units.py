@@ -11,15 +11,8 @@ import torch
 from torch import nn
 
 from topoflow.errors import CheckpointError, TrainingError
-from train.checkpoint import (
-    best_checkpoints,
-    default_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-    update_best,
-)
+from train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from train.rundir import RUN_FILE, best_checkpoints, default_checkpoint, read_run, start_run, update_best
 from train.config import TrainConfig
 from train.loss import latitude_weights, weighted_mse
 from train.optim import build_optimizer, build_scheduler, lr_factor
@@ -107,15 +100,22 @@ def test_corrupt_and_pickled_checkpoints_are_refused(tmp_path) -> None:
         load_checkpoint(tmp_path / "missing.ckpt")
 
 
-def test_best_k_keeps_the_lowest(tmp_path) -> None:
+def test_best_k_keeps_the_lowest_and_lists_only_this_runs_files(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint"):
         default_checkpoint(tmp_path)
+    record, restore = start_run(tmp_path, resume=False)
+    assert not restore and (tmp_path / RUN_FILE).is_file()
+    save_atomic({"step": 99}, tmp_path / "best-val_loss=0.0100-step=99.ckpt")  # another run's file, copied in
     for step, loss in enumerate([0.5, 0.4, 0.45, 0.3557, 0.6, math.nan]):
-        update_best(tmp_path, {"step": step}, loss, step, top_k=2)
+        update_best(tmp_path, record, {"step": step}, loss, step, 2, save_atomic)
     names = sorted(p.name for p in tmp_path.glob("best-*.ckpt"))
-    assert names == ["best-val_loss=0.3557-step=3.ckpt", "best-val_loss=0.4000-step=1.ckpt"]
-    assert best_checkpoints(tmp_path)[0][0] == pytest.approx(0.3557)
+    assert names == ["best-val_loss=0.0100-step=99.ckpt", "best-val_loss=0.3557-step=3.ckpt",
+                     "best-val_loss=0.4000-step=1.ckpt"]
+    assert [p.name for p in best_checkpoints(tmp_path)] == names[1:]  # the foreign file is never "the best"
     assert default_checkpoint(tmp_path).name == "best-val_loss=0.3557-step=3.ckpt"
+    assert read_run(tmp_path).run_id == record.run_id
+    update_best(tmp_path, record, {"step": 3}, 0.39, 3, 2, save_atomic)  # step 3 replayed after a resume
+    assert [(e.step, e.val_loss) for e in read_run(tmp_path).best] == [(3, 0.39), (1, 0.4)]
 
 
 def _residual_static(change_std: list[list[float]]):
