@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -46,6 +47,7 @@ from topoflow.lock import exclusive
 
 LAYOUT_KEYS = ("time_chunk", "zarr_format", "compressor", "compressor_level")  # build settings that change bytes
 KEPT = "then rerun build (finished blocks are kept)"
+_TORN_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 def _git_version() -> str | None:
@@ -108,8 +110,9 @@ def _progress_group(path: Path, record: StoreRecord, cfg: PipelineConfig, n_time
 
 def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig) -> None:
     """Template and progress record in a temporary directory, renamed to `path` (`<store>.partial`)."""
+    for stale in path.parent.glob(f".{path.name}.init-*"):  # left by a build killed during init (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     times = cfg.data.times().values
     ds = template(record, times, statics, cfg.build.time_chunk)
     try:
@@ -213,6 +216,15 @@ def finalise(path: Path, final: Path, record: StoreRecord, cfg: PipelineConfig) 
         path.rename(final)
 
 
+def drop_torn_writes(path: Path) -> None:
+    """Zarr writes each chunk to `<chunk>.<uuid4 hex>.partial`, then renames it: a build killed in between
+    leaves that temporary file, which would otherwise end up in the finished store. Its block is not
+    marked done, so the resumed build rewrites the chunk itself."""
+    for torn in path.rglob("*.partial"):
+        if _TORN_WRITE.search(torn.name) and torn.is_file():
+            torn.unlink()
+
+
 def _resumable(path: Path, new: StoreRecord, cfg: PipelineConfig, overwrite: bool) -> StoreRecord | None:
     """The record of an unfinished build at `path` that this config may resume, else None (start anew)."""
     if overwrite or not path.exists():
@@ -223,6 +235,7 @@ def _resumable(path: Path, new: StoreRecord, cfg: PipelineConfig, overwrite: boo
     if why:
         raise StoreError(f"unfinished build {path} was started from other inputs:\n  " + "\n  ".join(why) +
                          f"\npass --overwrite to restart it, or delete {path}")
+    drop_torn_writes(path)
     return old
 
 

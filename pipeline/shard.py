@@ -267,6 +267,8 @@ def _write_shard_set(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, r
     plan = ShardPlan(store_fingerprint=sha256_json(record.model_dump(mode="json")), max_count=cfg.shard.max_count,
                      max_size=cfg.shard.max_size)
     old = _old_manifest(root)
+    for stale in root.glob("*.tar.tmp"):  # a killed run's unfinished shard (this run holds the lock)
+        stale.unlink()
     manifest = ManifestRecord(store_path=str(cfg.data.store), store=record, plan=plan, members=list(SAMPLE_MEMBERS),
                               statistics=_statistics(ds), static=_write_static(ds, root),
                               splits={split: _kept_shards(root, old, plan, split) for split in record.splits})
