@@ -8,6 +8,9 @@ and `make demo`.
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +137,27 @@ def demo_config(tmp_path: Path, domain: DomainConfig, days: int, sample: dict | 
     data["splits"] = {"train": {"start": "2018-01-01T00:00", "end": end}}
     raw["build"] = {"time_chunk": 8, "processes": False, "n_workers": 1}
     return write_config(raw, tmp_path / "demo.yaml")
+
+
+def rehash_shard(shards: Path, name: str) -> None:
+    """Make the manifest agree with a tampered shard, as an attacker who rewrites both would."""
+    from topoflow.files import sha256_file
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = next(s for r in manifest["splits"].values() for s in r["shards"] if s["name"] == name)
+    entry["bytes"], entry["sha256"] = (shards / name).stat().st_size, sha256_file(shards / name)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
+def plant_pickled_input(source: Path, shards: Path, shard: str, key: str) -> None:
+    """Copy of shard `source/shard` into `shards` whose `key`.input.npy is an object array (loading it would
+    unpickle), with the manifest rehashed to match."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with tarfile.open(source / shard) as src, tarfile.open(shards / shard, "w") as dst:
+        for info in src:
+            data = src.extractfile(info).read()
+            if info.name == f"{key}.input.npy":
+                data, info.size = buffer.getvalue(), len(buffer.getvalue())
+            dst.addfile(info, io.BytesIO(data))
+    rehash_shard(shards, shard)

@@ -63,6 +63,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's and Python's global generators: every stream a checkpoint saves starts from the
+    run's seed, so two runs with one seed (or a run and its resumption) hold the same states."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, pos, has_gauss, gauss = state["numpy_meta"]

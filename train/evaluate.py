@@ -53,7 +53,10 @@ class Evaluation:
 
 
 def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evaluation:
-    """Read the checkpoint (default: evaluate.checkpoint, else this run's best in train.run_dir) and set up."""
+    """Read the shard set and the checkpoint (default: evaluate.checkpoint, else this run's best in
+    train.run_dir) and set up."""
+    shards = load_shard_set(cfg.data.shards)
+    check_shards(cfg.data, shards)
     chosen = checkpoint or cfg.evaluate.checkpoint
     run_dir = Path(cfg.train.run_dir)
     path = Path(chosen or default_checkpoint(run_dir))
@@ -61,8 +64,6 @@ def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evalua
     if chosen is None:
         check_run_id(ckpt, run_dir, path)
     check_data(ckpt, cfg.data, path)
-    shards = load_shard_set(cfg.data.shards)
-    check_shards(cfg.data, shards)
     model_cfg = ModelConfig.model_validate(ckpt["config"]["model"])  # the architecture it was trained with
     residual = bool(ckpt["config"]["train"]["residual"])
     if residual and ckpt.get("residual_scale") is None:

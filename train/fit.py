@@ -26,7 +26,8 @@ from model import load_pretrained
 from topoflow.errors import ConfigError, TopoFlowError, TrainingError
 from topoflow.lock import exclusive
 from train.batch import Batch
-from train.checkpoint import check_data, load_checkpoint, resume_changes, rng_state, save_atomic, set_rng_state
+from train.checkpoint import (check_data, load_checkpoint, resume_changes, rng_state, save_atomic, seed_everything,
+                              set_rng_state)
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_gather, all_reduce_sum, barrier, broadcast_from_main, init_distributed
 from train.loader import ShardStream, loader_workers
@@ -144,7 +145,7 @@ class Trainer:
         self.net = build_model(cfg.model, self.shards).to(env.device)
         if tcfg.residual:
             zero_init_output(self.net)
-        torch.manual_seed(tcfg.seed + 7919 * (env.rank + 1))  # per-rank stream for dropout / drop-path
+        seed_everything(tcfg.seed + 7919 * (env.rank + 1))  # per-rank streams (dropout / drop-path)
         ckpt = load_checkpoint(self.run_dir / LAST) if restore else None
         if ckpt is not None:
             self._check_resumable(ckpt)

@@ -16,9 +16,10 @@ import zarr
 from pipeline.__main__ import main as pipeline_main
 from pipeline.codec import SAMPLE_MEMBERS, STATIC_MEMBERS
 from pipeline.config import PipelineConfig
-from pipeline.shard import INPUT_MISSING, TARGET_MISSING, TAR_MTIME, TAR_OWNER, write_shards
+from pipeline.shard import INPUT_MISSING, TAR_MTIME, TAR_OWNER, TARGET_MISSING, write_shards
 from pipeline.shardset import read_manifest, summarize_shard_set, validate_shard_set
 from pipeline.store import open_features
+from tests.helpers import plant_pickled_input, rehash_shard
 from topoflow.errors import StoreError
 from topoflow.files import sha256_file
 
@@ -206,19 +207,11 @@ def test_validate_finds_damage(tiny_shards: Path, tmp_path: Path, damage: str) -
     assert len(problems) == 1 and expected[damage] in problems[0], problems
 
 
-def _rehash(shards: Path, name: str) -> None:
-    """Make the manifest agree with a tampered shard, as an attacker who rewrites both would."""
-    manifest = json.loads((shards / "manifest.json").read_text())
-    entry = next(s for r in manifest["splits"].values() for s in r["shards"] if s["name"] == name)
-    entry["bytes"], entry["sha256"] = (shards / name).stat().st_size, sha256_file(shards / name)
-    (shards / "manifest.json").write_text(json.dumps(manifest))
-
-
 def test_validate_refuses_planted_member_even_with_a_matching_manifest(tiny_shards: Path, tmp_path: Path) -> None:
     shards = tmp_path / "s"
     shutil.copytree(tiny_shards, shards)
     _plant(shards, "val-000001.tar", "val_00000004.evil.pyd", b"\x80\x04N.")
-    _rehash(shards, "val-000001.tar")
+    rehash_shard(shards, "val-000001.tar")
     problems = validate_shard_set(shards)
     assert any("lack or add members" in p for p in problems), problems
 
@@ -227,15 +220,7 @@ def test_validate_decodes_a_sample_so_a_pickled_array_fails_naming_the_shard(tin
     """An object-dtype input.npy (unpickling would run code) with a matching hash: inspect fails, naming it."""
     shards = tmp_path / "s"
     shutil.copytree(tiny_shards, shards)
-    buffer = io.BytesIO()
-    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    with tarfile.open(tiny_shards / "test-000000.tar") as src, tarfile.open(shards / "test-000000.tar", "w") as dst:
-        for info in src:
-            data = src.extractfile(info).read()
-            if info.name == "test_00000000.input.npy":
-                data, info.size = buffer.getvalue(), len(buffer.getvalue())
-            dst.addfile(info, io.BytesIO(data))
-    _rehash(shards, "test-000000.tar")
+    plant_pickled_input(tiny_shards, shards, "test-000000.tar", "test_00000000")
     problems = validate_shard_set(shards)
     assert len(problems) == 1 and "test_00000000" in problems[0] and "test-000000.tar" in problems[0]
     assert "cannot be decoded safely" in problems[0]

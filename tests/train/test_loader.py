@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from pipeline.features import COORDINATE_LAYERS
 from pipeline.records import ShardEntry
 from pipeline.shardset import read_manifest
+from tests.helpers import rehash_shard
 from topoflow.errors import ShardSetError
-from topoflow.files import sha256_file
 from train.batch import Batch
 from train.inputs import InputAssembler
 from train.loader import CorruptShardError, ShardIntegrityError, ShardStream
@@ -234,10 +234,7 @@ def test_planted_pickle_member_is_refused_and_never_unpickled(tiny_shards: Path,
         info = tarfile.TarInfo("train_00000001.evil.pyd")
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-    manifest = json.loads((shards / "manifest.json").read_text())  # a consistent, tampered shard set
-    entry = manifest["splits"]["train"]["shards"][0]
-    entry["bytes"], entry["sha256"] = (shards / entry["name"]).stat().st_size, sha256_file(shards / entry["name"])
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    rehash_shard(shards, "train-000000.tar")  # a consistent, tampered shard set
     with pytest.raises(ShardIntegrityError, match="evil.pyd"):
         list(ShardStream(shards, "train", 2, mode="eval"))
     assert not tripwire.exists()

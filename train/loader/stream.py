@@ -18,6 +18,7 @@ import multiprocessing
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shardset import manifest_path
@@ -143,8 +144,11 @@ class ShardStream:
             order = itertools.islice(round_robin(plan.quotas), self.position, None)
             return (next(streams[w]) for w in order)
         if self._loader is None:
+            # its own generator: each new DataLoader iterator draws a base seed, from torch's global RNG by
+            # default, which would shift the training RNG (dropout, drop-path) of a resumed run by one draw
             self._loader = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers,
-                                      persistent_workers=True, prefetch_factor=self._prefetch_factor)
+                                      persistent_workers=True, prefetch_factor=self._prefetch_factor,
+                                      generator=torch.Generator().manual_seed(self._reader.seed))
         self._dataset.control[0], self._dataset.control[1] = self.epoch, self.position
         return iter(self._loader)
 
