@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m pipeline build --config $(CONFIG)
 	$(PY) -m pipeline shard --config $(CONFIG)
 	$(PY) -m pipeline inspect --config $(CONFIG)
-	$(PY) -m train fit --config $(CONFIG)
+	$(PY) -m train fit --config $(CONFIG) --resume
 	$(PY) -m train evaluate --config $(CONFIG)
 
 test: $(STAMP)

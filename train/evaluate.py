@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from model import ModelConfig
 from topoflow.errors import CheckpointError
-from topoflow.files import atomic_write_bytes, atomic_write_json
+from topoflow.files import atomic_write_bytes, atomic_write_json, writing
 from train.checkpoint import check_data, load_checkpoint
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_gather, all_reduce_sum, init_distributed
@@ -200,4 +200,5 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
     out_dir = Path(output or cfg.evaluate.output or Path(cfg.train.run_dir) / "report")
     if not env.is_main:
         return out_dir / "report.md"
-    return report(ev, metrics, sample, map_lead, out_dir, cfg.evaluate.split)
+    with writing(out_dir, "then rerun evaluate"):
+        return report(ev, metrics, sample, map_lead, out_dir, cfg.evaluate.split)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
+
+from topoflow.files import atomic_write_bytes, writing
 
 log = logging.getLogger("train")
 
@@ -20,8 +23,10 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
         log.removeHandler(handler)
         handler.close()
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+        with writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            file_handler = logging.FileHandler(run_dir / "train.log")
+        for handler in (logging.StreamHandler(), file_handler):
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(handler)
 
@@ -38,14 +43,15 @@ class ScalarLog:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
         else:
             rows = []
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, self.columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.path, text.getvalue().encode())  # a kill here keeps the old rows
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="") as fh:
+        with writing(self.path, "then rerun fit with --resume"), open(self.path, "a", newline="") as fh:
             csv.DictWriter(fh, self.columns).writerow({k: row.get(k, "") for k in self.columns})
         for key, value in row.items():
             if key not in ("step", "epoch") and value is not None:

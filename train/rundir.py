@@ -71,6 +71,10 @@ def write_run(run_dir: Path, record: RunRecord) -> None:
 def start_run(run_dir: Path, resume: bool) -> tuple[RunRecord, bool]:
     """The run record to continue or a new one (written), and whether last.ckpt is to be restored."""
     if resume and (run_dir / LAST).is_file():
+        if not (run_dir / RUN_FILE).is_file():
+            raise OutputError(f"{run_dir} holds a last.ckpt but no {RUN_FILE}: an older version wrote it, and its best "
+                              "checkpoints cannot be told from another run's. Move it away or set train.run_dir to a "
+                              "new directory (for the demo: `make clean`)")
         return read_run(run_dir), True
     if not resume and holds_run(run_dir):
         raise OutputError(f"{run_dir} already holds a run (run.json, last.ckpt, best-*.ckpt or metrics.csv): pass "

@@ -256,3 +256,18 @@ def test_ranks_die_with_a_sigkilled_torchrun_and_release_the_run_dir(tiny_experi
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_read_only_run_dir_is_an_error_naming_it(tiny_experiment: dict, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_experiment_config(write_config(tiny_experiment, tmp_path / "c.yaml"))
+    real_mkdir = os.mkdir
+
+    def read_only(path: object, *args: object, **kwargs: object) -> None:
+        if str(path).startswith(str(cfg.train.run_dir)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(OutputError, match=r"cannot write .*/run: the file system is read-only: choose a writable"):
+        fit(cfg, progress=False)
