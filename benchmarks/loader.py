@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from benchmarks import save_result
 from pipeline.build import build_features
@@ -33,6 +32,7 @@ from pipeline.shard import write_shards
 from pipeline.shardset import read_manifest
 from pipeline.store import open_features
 from tests.helpers import REPO, write_synthetic_source
+from topoflow.config import read_yaml, write_yaml
 from topoflow.files import sha256_file
 from train.loader import ShardStream
 
@@ -40,12 +40,12 @@ BATCH = 16
 
 
 def setup(workdir: Path) -> tuple:
-    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw = read_yaml(REPO / "configs" / "demo.yaml")
     raw["data"].update(raw=str(workdir / "raw.nc"), store=str(workdir / "features.zarr"),
                        shards=str(workdir / "shards"))
     raw["shard"] = {"max_count": 32}
     path = workdir / "bench.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    write_yaml(raw, path)
     cfg = load_pipeline_config(path)
     if not Path(cfg.data.store).exists():
         write_synthetic_source(cfg)

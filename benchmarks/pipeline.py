@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-import yaml
 
 from benchmarks import save_result
 from pipeline.build import build_features
@@ -37,13 +36,13 @@ from pipeline.config import PipelineConfig, load_pipeline_config
 from pipeline.scan import scan_orders
 from pipeline.store import encodings
 from tests.helpers import REPO, tiny_raw_config, write_config, write_synthetic_source
-from topoflow.config import add_override_argument
+from topoflow.config import add_override_argument, read_yaml
 
 
 def bench_config(workdir: Path, steps: int, overrides: list[str]) -> PipelineConfig:
     """The reference grid of configs/topoflow_china.yaml (128x256, patch 2, 32x32 regions, its build
     settings) over `steps` hours, reading one prepared file in workdir (the tests' prepared-file recipe)."""
-    china = yaml.safe_load((REPO / "configs" / "topoflow_china.yaml").read_text())
+    china = read_yaml(REPO / "configs" / "topoflow_china.yaml")
     raw = tiny_raw_config(workdir)
     start = np.datetime64("2016-01-01T00:00")
     at = lambda h: str(start + np.timedelta64(int(h), "h"))  # noqa: E731

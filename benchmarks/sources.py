@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from benchmarks import save_result
 from benchmarks.pipeline import bench_config
@@ -33,11 +32,12 @@ from pipeline.config import PipelineConfig, load_pipeline_config
 from pipeline.sample import conventions
 from pipeline.sample.write import Points, cams_fields, era5_fields, point_axes
 from tests.helpers import REPO, write_synthetic_source
+from topoflow.config import read_yaml, write_yaml
 
 
 def sources_config(prepared: PipelineConfig, root: Path) -> PipelineConfig:
     """The demo's multi-source recipe on the prepared config's grid and period, reading files under root."""
-    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"]
+    demo = read_yaml(REPO / "configs" / "demo.yaml")["data"]
     data = prepared.data.model_dump(mode="json")
     data["sources"] = [s for s in demo["sources"] if s["name"] in ("era5", "cams")]
     data["sources"][0]["files"], data["sources"][1]["files"] = str(root / "era5_*.nc"), str(root / "cams_*.nc")
@@ -45,7 +45,7 @@ def sources_config(prepared: PipelineConfig, root: Path) -> PipelineConfig:
                 gaps={"interpolate_max_hours": 3}, static=prepared.data.static.model_dump(mode="json"))
     data["sources"] += [s.model_dump(mode="json") for s in prepared.data.sources if s.name == "prepared_static"]
     path = root / "sources.yaml"
-    path.write_text(yaml.safe_dump({"data": data, "build": prepared.build.model_dump(mode="json")}))
+    write_yaml({"data": data, "build": prepared.build.model_dump(mode="json")}, path)
     return load_pipeline_config(path)
 
 

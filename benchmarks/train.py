@@ -33,7 +33,6 @@ from train.shards import ShardSet, load_shard_set
 from train.step import StepContext, training_loss
 
 
-
 class Stepper:
     """A model + optimiser that runs timed training steps over any batch source."""
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-import yaml
 
 from pipeline.config import DomainConfig, PipelineConfig
+from topoflow.config import read_yaml, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def tiny_raw_config(tmp_path: Path) -> dict:
     """The demo experiment shrunk to an 8x16 grid, 4x8 patches in 2x2 regions, 3-hourly for 6 days, reading
     one prepared file already on the target grid (latitude descending, ECMWF unit spellings): the kind of
     source a user who regridded their data beforehand has. ERA5/CAMS/CAQRA files: tests/pipeline/test_sources.py."""
-    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw = read_yaml(REPO / "configs" / "demo.yaml")
     source = str(tmp_path / "raw.nc")
     raw["data"] = {
         "store": str(tmp_path / "features.zarr"), "shards": str(tmp_path / "shards"),
@@ -63,7 +63,7 @@ def tiny_raw_config(tmp_path: Path) -> dict:
 
 
 def write_config(raw: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_yaml(raw, path)
     return path
 
 
@@ -124,7 +124,7 @@ def with_source_path(cfg: PipelineConfig, path: Path) -> PipelineConfig:
 def demo_config(tmp_path: Path, domain: DomainConfig, days: int, sample: dict | None = {}) -> Path:  # noqa: B006
     """configs/demo.yaml (the multi-source recipe) on `domain` for `days` days from 2018-01-01, 6-hourly,
     with every path under tmp_path; `sample` updates data.sample (None: no sample section)."""
-    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw = read_yaml(REPO / "configs" / "demo.yaml")
     data = raw["data"]
     tmp_path.mkdir(parents=True, exist_ok=True)
     root = tmp_path / "raw"

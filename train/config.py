@@ -128,18 +128,19 @@ class ExperimentConfig(PipelineConfig):
     ablate: AblateConfig = AblateConfig()
 
 
-def experiment_from_dict(raw: dict[str, Any], source: str) -> ExperimentConfig:
+def experiment_from_dict(raw: dict[str, Any], source: str, overrides: list[str] | None = None) -> ExperimentConfig:
     """Validate an already-parsed experiment dict (e.g. the config stored in a checkpoint)."""
-    return validate_section(ExperimentConfig, raw, source)
+    return validate_section(ExperimentConfig, raw, source, overrides)
 
 
 def load_experiment_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override (`section.key=value`, YAML-parsed) and validate an experiment file."""
     raw = apply_overrides(read_yaml(path), overrides)
-    cfg = experiment_from_dict(raw, str(path))
+    cfg = experiment_from_dict(raw, str(path), overrides)
     for variant in cfg.ablate.variants:  # a typo in a variant must fail now, not hours into an ablation
+        with_variant = [*(overrides or []), *variant.overrides]
         try:
-            experiment_from_dict(apply_overrides(read_yaml(path), [*(overrides or []), *variant.overrides]), str(path))
+            experiment_from_dict(apply_overrides(read_yaml(path), with_variant), str(path), with_variant)
         except ConfigError as exc:
             raise ConfigError(f"ablate variant {variant.name!r}: {exc}") from None
     return cfg
