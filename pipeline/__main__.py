@@ -9,10 +9,16 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
+from collections.abc import Iterator
 
 from topoflow.errors import TopoFlowError
+from topoflow.progress import LOG_FORMAT
+
+LOGGERS = ("pipeline", "topoflow")  # this project's records; third-party INFO chatter stays off
 
 SUBCOMMANDS = {
     "sample": ("pipeline.sample.write", "write the embedded real-terrain raw source (NetCDF)"),
@@ -21,6 +27,25 @@ SUBCOMMANDS = {
     "inspect": ("pipeline.inspect", "validate a feature store or a shard set and print a summary"),
     "requests": ("pipeline.requests", "print the cdsapi requests that download each source (nothing is fetched)"),
 }
+
+
+@contextlib.contextmanager
+def console_logging() -> Iterator[None]:
+    """INFO records (progress lines included) to stderr with timestamps, for one command only: main() also
+    runs in-process (tests), where a handler left behind would write to a stream that has since closed."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        with console_logging():
+            return int(module.run(args) or 0)
     except TopoFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 import webdataset as wds
 import xarray as xr
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pipeline.codec import ENCODERS, SAMPLE_MEMBERS
 from pipeline.config import PipelineConfig, ShardConfig, load_pipeline_config
@@ -41,7 +42,9 @@ from topoflow.config import add_override_argument
 from topoflow.errors import ShardSetError, StoreError
 from topoflow.files import atomic_write_bytes, sha256_file, sha256_json, writing
 from topoflow.lock import exclusive
+from topoflow.progress import progress_bar
 
+log = logging.getLogger("pipeline")
 TAR_MTIME = 946684800  # 2000-01-01T00:00Z: a fixed mtime makes reruns byte-identical
 TAR_OWNER = "topoflow"  # uname/gname; uid/gid stay tarfile's default 0
 INPUT_MISSING = "input missing"  # skip reasons: the input time is a gap in the store,
@@ -274,7 +277,7 @@ def _write_shard_set(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, r
                               splits={split: _kept_shards(root, old, plan, split) for split in record.splits})
     save = lambda: write_manifest(root, manifest)  # noqa: E731
     save()
-    with tqdm(total=sum(sizes.values()), desc="shard", unit="sample", disable=not progress) as bar:
+    with progress_bar(sum(sizes.values()), desc="shard", unit="sample", log=log, enabled=progress) as bar:
         for split, out in manifest.splits.items():
             out.n_times = sizes[split]
             if out.complete:

@@ -10,6 +10,7 @@ from topoflow.config import add_override_argument
 from topoflow.errors import TopoFlowError
 from train.config import load_experiment_config
 from train.distributed import init_distributed, shutdown
+from train.preempt import EXIT_PREEMPTED, Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         finally:
             shutdown()
+    except Preempted:  # rank 0 has logged where it stopped and how to go on
+        return EXIT_PREEMPTED
     except TopoFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

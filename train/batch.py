@@ -74,6 +74,24 @@ def _normalise(a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return a
 
 
+def draw_leads(samples: list[dict[str, Any]], shards: ShardSet, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One lead index per sample, uniform over the leads, redrawn among those with a target to learn from.
+
+    A sample near the end of its split has no target at its longer leads (they lie past the split);
+    drawn there it only adds a fully masked row, and a batch of such rows has no loss at all, which
+    stops training. The first draw is kept wherever it has a target, so other samples draw as before.
+    """
+    leads = rng.integers(len(shards.leads_h), size=size)
+    for i, s in enumerate(samples):
+        target = s["target.npy"]
+        if (np.isfinite(target[leads[i]]) & shards.loss_mask).any():
+            continue
+        usable = np.flatnonzero((np.isfinite(target) & shards.loss_mask).any(axis=tuple(range(1, target.ndim))))
+        if usable.size:
+            leads[i] = rng.choice(usable)
+    return leads
+
+
 def assemble(samples: list[dict[str, Any] | None], shards: ShardSet, lead_index: np.ndarray | None,
              skipped_shards: list[str]) -> dict[str, Any]:
     """Decoded samples (None = eval padding) -> the fields of a Batch as numpy arrays (`Batch.from_arrays`).

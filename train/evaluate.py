@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from model import ModelConfig
 from topoflow.errors import CheckpointError
 from topoflow.files import atomic_write_bytes, atomic_write_json, writing
+from topoflow.progress import progress_bar
 from train.checkpoint import check_data, load_checkpoint
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_gather, all_reduce_sum, init_distributed
@@ -101,23 +101,25 @@ def accumulate(ev: Evaluation, map_lead: int, progress: bool) -> tuple[Skill, di
     lat_w = ctx.lat_w.cpu().numpy()[:, None]
     sample: dict[str, Any] = {}
     evaluated = 0
-    for i, batch in enumerate(tqdm(ev.loader, total=ev.n_batches, desc="evaluate", disable=not progress)):
-        if i >= ev.n_batches:
-            break
-        evaluated += int(batch.valid.sum())
-        batch = batch.to(ctx.device)
-        persistence = (batch.x[:, shards.target_index] * t_std + t_mean).cpu().numpy()
-        for li, lead in enumerate(shards.leads_h):
-            with ctx.autocast():
-                norm = forward(ev.net, batch, ctx, batch.lead_times[li].expand(batch.x.shape[0]))
-            pred = (norm.float() * t_std + t_mean).cpu().numpy()
-            truth = (batch.y[:, li] * t_std + t_mean).cpu().numpy()
-            mask = batch.mask[:, li].cpu().numpy()
-            for pi, name in enumerate(shards.targets):
-                for src, fc in (("model", pred), ("persistence", persistence)):
-                    skill[src][name][lead].update(fc[:, pi], truth[:, pi], mask[:, pi], lat_w)
-            if lead == map_lead and not sample and bool(batch.valid[0]):
-                sample = _map_sample(pred, truth, mask, batch, ev)
+    with progress_bar(ev.n_batches, desc="evaluate", unit="batch", log=log, enabled=progress) as bar:
+        for i, batch in enumerate(ev.loader):
+            if i >= ev.n_batches:
+                break
+            evaluated += int(batch.valid.sum())
+            batch = batch.to(ctx.device)
+            persistence = (batch.x[:, shards.target_index] * t_std + t_mean).cpu().numpy()
+            for li, lead in enumerate(shards.leads_h):
+                with ctx.autocast():
+                    norm = forward(ev.net, batch, ctx, batch.lead_times[li].expand(batch.x.shape[0]))
+                pred = (norm.float() * t_std + t_mean).cpu().numpy()
+                truth = (batch.y[:, li] * t_std + t_mean).cpu().numpy()
+                mask = batch.mask[:, li].cpu().numpy()
+                for pi, name in enumerate(shards.targets):
+                    for src, fc in (("model", pred), ("persistence", persistence)):
+                        skill[src][name][lead].update(fc[:, pi], truth[:, pi], mask[:, pi], lat_w)
+                if lead == map_lead and not sample and bool(batch.valid[0]):
+                    sample = _map_sample(pred, truth, mask, batch, ev)
+            bar.update(1)
     return skill, sample, evaluated
 
 

@@ -20,20 +20,22 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from model import load_pretrained
 from topoflow.errors import ConfigError, TopoFlowError, TrainingError
 from topoflow.lock import exclusive
+from topoflow.progress import progress_bar
 from train.batch import Batch
 from train.checkpoint import (check_data, load_checkpoint, resume_changes, rng_state, save_atomic, seed_everything,
                               set_rng_state)
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_gather, all_reduce_sum, barrier, broadcast_from_main, init_distributed
 from train.loader import ShardStream, loader_workers
-from train.logs import ScalarLog, setup_logging
+from train.logs import ScalarLog, scalar_tags, setup_logging
 from train.net import build_model, check_shards
 from train.optim import build_optimizer, build_scheduler
+from train.preempt import Preempted, StopRequest, stop_message
 from train.residual import zero_init_output
 from train.rundir import LAST, RunRecord, best_checkpoints, check_run_id, start_run, update_best
 from train.shards import load_shard_set
@@ -89,6 +91,9 @@ class Trainer:
         ckpt = self._model(restore)
         tcfg = cfg.train
         self.step, self.epoch, self.best = 0, 0, math.inf
+        self.stopping = False  # a stop signal reached some rank: end after this step
+        self.shown: dict[str, str] = {}  # the latest losses, on the progress display, named as logged
+        self.tags = scalar_tags(tcfg.residual, [])
         self.trainable = [n for n, p in self.net.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.net, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg, self.total_steps)
@@ -99,7 +104,8 @@ class Trainer:
         if env.distributed:
             self.model = DistributedDataParallel(self.net, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
         self.alpha_names = list(alpha_scalars(self.net))
-        self.log = ScalarLog(self.run_dir, self.alpha_names, self.step if restore else None) if env.is_main else None
+        self.log = (ScalarLog(self.run_dir, self.alpha_names, self.step if restore else None, residual=tcfg.residual)
+                    if env.is_main else None)
 
     def _open_run(self, resume: bool) -> tuple[str, bool]:
         """Rank 0 claims run_dir (fresh, or resumed from last.ckpt: `train.rundir`); every rank learns the
@@ -226,62 +232,82 @@ class Trainer:
             epoch += 1
 
     def run(self) -> FitResult:
+        """Optimiser steps until total_steps, or until a stop signal: then last.ckpt and `Preempted`."""
         tcfg, env = self.cfg.train, self.env
         log.info("fit: %d optimiser steps (%d per epoch, accumulate %d, %d rank(s) x batch %d), device %s, "
                  "%d parameters", self.total_steps, self.steps_per_epoch, tcfg.accumulate, env.world_size,
                  tcfg.batch_size, env.device, sum(p.numel() for p in self.net.parameters()))
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="fit", disable=not (env.is_main and self.progress),
-                   dynamic_ncols=True)
         if self.step >= self.total_steps:
             log.info("run already finished at step %d of %d", self.step, self.total_steps)
-        stats = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, micro-batches, non-finite
+        batches, self.clock = self._micro_batches(), (time.perf_counter(), 0)
+        stop = StopRequest()
+        bar = progress_bar(self.total_steps, initial=self.step, desc="fit", unit="step", log=log,
+                           enabled=env.is_main and self.progress)
+        with stop.listening(), bar:
+            while self.step < self.total_steps and not self.stopping:
+                epoch = self._train_step(batches, stop)
+                bar.update(1)
+                self._after_step(epoch, bar)
+        if self.log:
+            self.log.close()
+        barrier()
+        if self.stopping:
+            message = stop_message(self.step, stop.signal)
+            if env.is_main:
+                log.warning(message)
+            raise Preempted(message)
+        best = best_checkpoints(self.run_dir)
+        return FitResult(self.run_dir, self.step, self.best if math.isfinite(self.best) else None,
+                         best[0] if best else None, self.run_dir / LAST, self.net)
+
+    def _train_step(self, batches: Iterator[tuple[int, Batch]], stop: StopRequest) -> int:
+        """One optimiser step over `accumulate` micro-batches; returns their epoch. The stop flag rides on
+        the step's all-reduce, so every rank learns of a signal any rank received after the same step."""
+        tcfg, env = self.cfg.train, self.env
+        stats = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss sum, micro-batches, non-finite, stop
         bad_keys: list[str] = []
-        micro, t0, seen = 0, time.perf_counter(), 0
-        batches = self._micro_batches()
-        while self.step < self.total_steps:
+        for micro in range(tcfg.accumulate):
             epoch, batch = next(batches)
             batch = batch.to(env.device, non_blocking=True)
-            micro += 1
-            sync = micro % tcfg.accumulate == 0
-            no_sync = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
+            last = micro == tcfg.accumulate - 1
+            no_sync = self.model.no_sync() if env.distributed and not last else contextlib.nullcontext()
             with no_sync:
                 loss = training_loss(self.model, batch, self.ctx)
                 self.scaler.scale(loss / tcfg.accumulate).backward()
             value = loss.detach().double()
             if not torch.isfinite(value):
                 bad_keys.extend(batch.keys)
-            stats += torch.stack([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0),
-                                  torch.ones((), dtype=torch.float64, device=env.device),
-                                  (~torch.isfinite(value)).double()])
-            seen += batch.x.shape[0]
-            if not sync:
-                continue
-            self._optimizer_step(stats, bad_keys)
-            if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - t0
-                self._log_train(epoch, float(stats[0] / stats[1]), seen * env.world_size / elapsed)
-                t0, seen = time.perf_counter(), 0
-            stats.zero_()
-            bar.update(1)
-            epoch_end = self.step % self.steps_per_epoch == 0
-            if (tcfg.val_every and self.step % tcfg.val_every == 0) or (not tcfg.val_every and epoch_end) \
-                    or self.step == self.total_steps:
-                val_loss = validate(self.net, self.val_loader, self.ctx, tcfg.val_batches)
-                self.best = min(self.best, val_loss) if math.isfinite(val_loss) else self.best
-                bar.set_postfix(val_loss=f"{val_loss:.4f}")
-                if self.log:
-                    self.log.write({"step": self.step, "epoch": epoch, "val_loss": val_loss})
-                self._checkpoint(val_loss)
-                t0, seen = time.perf_counter(), 0  # samples/s measures training only
-            elif self.step % tcfg.checkpoint_every == 0:
-                self._checkpoint(None)
-        bar.close()
-        if self.log:
-            self.log.close()
-        barrier()
-        best = best_checkpoints(self.run_dir)
-        return FitResult(self.run_dir, self.step, self.best if math.isfinite(self.best) else None,
-                         best[0] if best else None, self.run_dir / LAST, self.net)
+            stats[:3] += torch.stack([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0),
+                                      torch.ones((), dtype=torch.float64, device=env.device),
+                                      (~torch.isfinite(value)).double()])
+            self.clock = (self.clock[0], self.clock[1] + batch.x.shape[0])
+        stats[3] = float(stop.requested)
+        self._optimizer_step(stats, bad_keys)
+        self.train_loss, self.stopping = float(stats[0] / stats[1]), bool(stats[3] > 0)
+        return epoch
+
+    def _after_step(self, epoch: int, bar: tqdm) -> None:
+        """Log, validate and checkpoint as scheduled; a stopping run checkpoints now whatever the schedule."""
+        tcfg = self.cfg.train
+        if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
+            started, seen = self.clock
+            self._log_train(epoch, self.train_loss, seen * self.env.world_size / (time.perf_counter() - started))
+            self.clock = (time.perf_counter(), 0)
+            self.shown[self.tags["train_loss"]] = f"{self.train_loss:.4f}"
+            bar.set_postfix(self.shown)
+        epoch_end = self.step % self.steps_per_epoch == 0
+        if (tcfg.val_every and self.step % tcfg.val_every == 0) or (not tcfg.val_every and epoch_end) \
+                or self.step == self.total_steps:
+            val_loss = validate(self.net, self.val_loader, self.ctx, tcfg.val_batches)
+            self.best = min(self.best, val_loss) if math.isfinite(val_loss) else self.best
+            self.shown[self.tags["val_loss"]] = f"{val_loss:.4f}"
+            bar.set_postfix(self.shown)
+            if self.log:
+                self.log.write({"step": self.step, "epoch": epoch, "val_loss": val_loss})
+            self._checkpoint(val_loss)
+            self.clock = (time.perf_counter(), 0)  # samples/s measures training only
+        elif self.step % tcfg.checkpoint_every == 0 or self.stopping:
+            self._checkpoint(None)
 
     def _optimizer_step(self, stats: torch.Tensor, bad_keys: list[str]) -> None:
         all_reduce_sum(stats)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
 from topoflow.files import atomic_write_bytes, writing
+from topoflow.progress import LOG_FORMAT
 
 log = logging.getLogger("train")
 
@@ -27,35 +29,70 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             file_handler = logging.FileHandler(run_dir / "train.log")
         for handler in (logging.StreamHandler(), file_handler):
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
             log.addHandler(handler)
 
 
-class ScalarLog:
-    """CSV (run_dir/metrics.csv) + TensorBoard scalars, rank 0 only; columns fixed at start."""
+def scalar_tags(residual: bool, alpha_names: Sequence[str]) -> dict[str, str]:
+    """The one declaration of what a run logs: the caller's row key -> TensorBoard tag (`train/...`,
+    `val/...`); the CSV column is the tag with `/` as `_` (`train/lr` -> `train_lr`).
 
-    def __init__(self, run_dir: Path, alpha_names: list[str], resume_step: int | None) -> None:
+    Losses are named by their units. Validation is the lat-weighted MSE of the normalised state
+    ((x - mean) / std). A residual run trains on the change x[t+lead] - x[t] divided by its per-lead
+    spread (change_std, train.residual), so its training loss is in other units and not comparable.
+    """
+    return {"train_loss": "train/loss_norm_change" if residual else "train/loss_norm_state",
+            "val_loss": "val/loss_norm_state", "lr": "train/lr", "grad_norm": "train/grad_norm",
+            "samples_per_s": "train/samples_per_s", **{f"alpha/{n}": f"train/alpha/{n}" for n in alpha_names}}
+
+
+def csv_column(tag: str) -> str:
+    """A TensorBoard tag as a CSV column name (one declaration, two spellings)."""
+    return tag.replace("/", "_")
+
+
+class ScalarLog:
+    """CSV (run_dir/metrics.csv) + TensorBoard scalars, rank 0 only; columns fixed at start (`scalar_tags`).
+
+    `write` takes rows keyed `step`, `epoch` and `scalar_tags`' keys; `residual` says whether the
+    training loss is in normalised-change units (StepContext.scale is set) or normalised-state units.
+    """
+
+    def __init__(self, run_dir: Path, alpha_names: list[str], resume_step: int | None, *, residual: bool) -> None:
         self.path = run_dir / "metrics.csv"
-        self.columns = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s",
-                        *[f"alpha/{n}" for n in alpha_names]]
-        if resume_step is not None and self.path.is_file():  # drop rows the killed run wrote after its checkpoint
-            with open(self.path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        else:
-            rows = []
+        self.tags = scalar_tags(residual, alpha_names)
+        self.columns = ["step", "epoch", *map(csv_column, self.tags.values())]
+        rows = self._rows_until(resume_step) if resume_step is not None and self.path.is_file() else []
         text = io.StringIO()
-        writer = csv.DictWriter(text, self.columns)
+        writer = csv.DictWriter(text, self.columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(self.path, text.getvalue().encode())  # a kill here keeps the old rows
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
 
+    def _rows_until(self, step: int) -> list[dict[str, str]]:
+        """The old rows up to the resume step (a killed run wrote some after its checkpoint); columns that
+        this run no longer has (another version or train.residual) are dropped, and said so."""
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = [r for r in reader if int(r["step"]) <= step]
+        dropped = [c for c in reader.fieldnames or [] if c not in self.columns]
+        if dropped and rows:
+            log.warning("%s: columns %s of the earlier rows are not logged by this run and are dropped", self.path,
+                        dropped)
+        return rows
+
     def write(self, row: dict[str, Any]) -> None:
+        """One row: `step`, `epoch` and any of the declared scalars (None or absent: not logged)."""
+        unknown = sorted(set(row) - {"step", "epoch", *self.tags})
+        if unknown:
+            raise ValueError(f"scalars {unknown} are not declared in train.logs.scalar_tags")
+        values = {self.tags[k]: v for k, v in row.items() if k in self.tags and v is not None}
         with writing(self.path, "then rerun fit with --resume"), open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, self.columns).writerow({k: row.get(k, "") for k in self.columns})
-        for key, value in row.items():
-            if key not in ("step", "epoch") and value is not None:
-                self.tb.add_scalar(key, value, row["step"])
+            csv.DictWriter(fh, self.columns).writerow({"step": row["step"], "epoch": row.get("epoch", ""),
+                                                       **{csv_column(t): v for t, v in values.items()}})
+        for tag, value in values.items():
+            self.tb.add_scalar(tag, value, row["step"])
 
     def close(self) -> None:
         self.tb.close()

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from pipeline.config import DomainConfig, PipelineConfig, SampleConfig, load_pipeline_config
 from pipeline.sample import conventions, simulate
@@ -37,7 +37,9 @@ from pipeline.sources.units import air_density
 from topoflow.config import add_override_argument
 from topoflow.errors import ConfigError
 from topoflow.files import atomic_write_json, sha256_json
+from topoflow.progress import progress_bar
 
+log = logging.getLogger("pipeline")
 SPINUP_DAYS = 10  # simulated before the first time step so the first fields are not clean air
 ERA5_STEP_DEG, CAMS_STEP_DEG, POPULATION_SPLIT = 1.0, 1.5, 4  # points every 1 and 1.5 degree; 0.25-degree raster
 CAMS_EVERY_H = 3
@@ -194,7 +196,7 @@ def write_sample(cfg: PipelineConfig, *, overwrite: bool = False, progress: bool
     origin = hourly[0] - pd.Timedelta(days=SPINUP_DAYS)
     sim = Simulation(grid, surface, origin, len(hourly) + SPINUP_DAYS * 24, sample.seed)
     files = MonthlyFiles(root, d.domain, hourly[-1].to_period("M"))
-    with tqdm(total=len(hourly), unit="h", desc="sample", disable=not progress) as bar:
+    with progress_bar(len(hourly), unit="hour", desc="sample", log=log, enabled=progress) as bar:
         for time, fields in sim.run(hourly):
             files.add(time, fields)
             bar.update(1)

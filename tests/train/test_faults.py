@@ -61,7 +61,7 @@ def kill_reference(tiny_store, tiny_shards: Path, tmp_path_factory: pytest.TempP
 
 def _scalars(run: Path) -> list[dict[str, str]]:
     with open(run / "metrics.csv", newline="") as fh:
-        return [{k: v for k, v in row.items() if k != "samples_per_s"} for row in csv.DictReader(fh)]
+        return [{k: v for k, v in row.items() if k != "train_samples_per_s"} for row in csv.DictReader(fh)]
 
 
 def _same(a: object, b: object) -> bool:

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from pipeline.records import ShardEntry
 from pipeline.shardset import read_manifest
 from tests.helpers import rehash_shard
 from topoflow.errors import ShardSetError
-from train.batch import Batch
+from train.batch import Batch, draw_leads
 from train.inputs import InputAssembler
 from train.loader import CorruptShardError, ShardIntegrityError, ShardStream
 from train.loader.plan import next_worker, plan_epoch, round_robin, skip_per_worker
@@ -286,3 +287,24 @@ def test_rotating_workers_by_the_phase_continues_the_round_robin(quotas: list[in
     left = [q - d for q, d in zip(quotas, done)]
     resumed = [(k + phase) % n for k in round_robin([left[(k + phase) % n] for k in range(n)])]
     assert resumed == list(round_robin(quotas))[position:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(usable=st.lists(st.lists(st.booleans(), min_size=3, max_size=3), min_size=1, max_size=6), seed=st.integers(0, 2**32))
+def test_draw_leads_picks_a_lead_with_a_target_and_keeps_usable_first_draws(usable: list[list[bool]], seed: int) -> None:
+    """Samples whose targets end inside the split keep their draw; others move to a lead with a target."""
+    shards = SimpleNamespace(leads_h=[3, 6, 12], loss_mask=np.array([[True, False]]))
+    samples = []
+    for flags in usable:
+        target = np.full((3, 2, 1, 2), np.nan, dtype=np.float32)
+        for lead, ok in enumerate(flags):
+            target[lead, 1, 0, 0] = 1.0 if ok else np.nan
+            target[lead, 0, 0, 1] = 1.0  # finite but off the loss mask: not a target to learn from
+        samples.append({"target.npy": target})
+    first = np.random.default_rng(seed).integers(3, size=len(usable))
+    drawn = draw_leads(samples, shards, np.random.default_rng(seed), len(usable))
+    for flags, a, b in zip(usable, first, drawn):
+        if flags[a] or not any(flags):
+            assert b == a
+        else:
+            assert flags[b]

@@ -27,7 +27,7 @@ from pipeline.codec import SAMPLE_MEMBERS, decode_sample
 from pipeline.records import ShardEntry
 from pipeline.shardset import shard_problem, tar_members
 from topoflow.errors import ShardSetError
-from train.batch import assemble
+from train.batch import assemble, draw_leads
 from train.loader.plan import Mode, seed_of
 from train.shards import ShardSet
 
@@ -140,8 +140,8 @@ def batches(raw: Iterator[dict[str, Any]], shards: ShardSet, skips: SkipLog, mod
             first: int, quota: int, real: int, lead_seeds: tuple[int, ...]) -> Iterator[dict[str, Any]]:
     """Batches number first..quota-1 of one reader; eval batches past `real` are all padding.
 
-    Train batches draw one lead per sample from (lead_seeds, batch number), so a resumed run draws the
-    same leads.
+    Train batches draw one lead per sample (`draw_leads`) from (lead_seeds, batch number), so a resumed
+    run draws the same leads.
     """
     skip = first if mode == "train" else min(first, real)
     for _ in itertools.islice(raw, skip * batch_size):  # skipped undecoded
@@ -149,7 +149,7 @@ def batches(raw: Iterator[dict[str, Any]], shards: ShardSet, skips: SkipLog, mod
     for index in range(first, quota):
         if mode == "train":
             samples = list(decode(itertools.islice(raw, batch_size), shards))
-            leads = np.random.default_rng(seed_of(*lead_seeds, index, 1)).integers(len(shards.leads_h), size=batch_size)
+            leads = draw_leads(samples, shards, np.random.default_rng(seed_of(*lead_seeds, index, 1)), batch_size)
             yield assemble(samples, shards, leads, skips.skipped)
         else:
             got = list(decode(itertools.islice(raw, batch_size), shards)) if index < real else []
