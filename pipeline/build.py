@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import os
 import re
 import shutil
@@ -29,9 +30,8 @@ import pandas as pd
 import xarray as xr
 import zarr
 from distributed import as_completed
-from tqdm import tqdm
 
-from pipeline.cluster import dask_client
+from pipeline.cluster import dask_client, scheduler_target
 from pipeline.config import PipelineConfig, load_pipeline_config
 from pipeline.features import TIME_OUTPUTS, Block, Statics
 from pipeline.records import Provenance, StoreRecord
@@ -44,7 +44,9 @@ from topoflow.config import add_override_argument, config_hash
 from topoflow.errors import SourceError, StoreError
 from topoflow.files import writing
 from topoflow.lock import exclusive
+from topoflow.progress import progress_bar
 
+log = logging.getLogger("pipeline")
 LAYOUT_KEYS = ("time_chunk", "zarr_format", "compressor", "compressor_level")  # build settings that change bytes
 KEPT = "then rerun build (finished blocks are kept)"
 _TORN_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -161,7 +163,7 @@ def build_block(sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path
 
 
 def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePlan, scheduler: str | None,
-         progress: bool) -> None:
+         scheduler_file: Path | None, progress: bool) -> None:
     """Run the build task of every block not yet done; record each one as it finishes."""
     group = zarr.open_group(str(path / PROGRESS_GROUP), mode="r+")
     done, moments = group["done"], group["moments"]
@@ -171,11 +173,11 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePl
         return
     errors: dict[int, BaseException] = {}
     plan = change_plan(record, cfg)
-    with dask_client(cfg.build, scheduler) as client:
+    with dask_client(cfg.build, scheduler, scheduler_file) as client:
         futures = {client.submit(build_block, sources, record, plan, str(path), i * chunk, min((i + 1) * chunk, n_times),
                                  key=f"build-block-{i}-{os.getpid()}", pure=False): i for i in todo}
-        with tqdm(total=done.shape[0], initial=done.shape[0] - len(todo), unit="block", desc="build",
-                  disable=not progress) as bar:
+        with progress_bar(done.shape[0], initial=done.shape[0] - len(todo), unit="block", desc="build", log=log,
+                          enabled=progress) as bar:
             for future in as_completed(list(futures)):
                 i = futures[future]
                 if future.status == "error":  # report the earliest failing block (e.g. the first NaN in time)
@@ -239,13 +241,18 @@ def _resumable(path: Path, new: StoreRecord, cfg: PipelineConfig, overwrite: boo
     return old
 
 
-def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, scheduler_file: Path | None = None,
+                   overwrite: bool = False, progress: bool = True) -> Path:
     """Build (or resume, or confirm up to date) cfg.data.store; returns its path.
+
+    The tasks run on the scheduler at `scheduler` (an address) or named by `scheduler_file` if given,
+    else on the cluster cfg.build.cluster describes (`pipeline.cluster.dask_client`).
 
     A store or unfinished build from a different config/source is refused unless overwrite=True; a
     second build of the same store while one runs is refused by the store's lock.
     """
+    if scheduler or scheduler_file:  # a wrong --scheduler/--scheduler-file fails before the sources are scanned
+        scheduler_target(scheduler, scheduler_file)
     final = Path(cfg.data.store)
     found = describe_sources(cfg.data)
     new = StoreRecord.create(cfg.data, provenance(cfg, found), found.variables).model_copy(
@@ -268,7 +275,7 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
             with writing(path.parent, "then rerun build"):
                 path.parent.mkdir(parents=True, exist_ok=True)
             init(path, record, Statics(record, found.static, found.elevation, found.loss_mask), cfg)
-        load(path, record, cfg, found.plan, scheduler, progress)
+        load(path, record, cfg, found.plan, scheduler, scheduler_file, progress)
         with writing(final, KEPT):
             finalise(path, final, record, cfg)
     return final
@@ -277,7 +284,10 @@ def build_features(cfg: PipelineConfig, *, scheduler: str | None = None, overwri
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (sections data and build are used)")
     add_override_argument(parser, "build.time_chunk=48")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing Dask scheduler (tcp://host:8786)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing Dask scheduler (tcp://host:8786)")
+    existing.add_argument("--scheduler-file", metavar="PATH", type=Path,
+                          help="run on the existing Dask scheduler that wrote PATH (dask scheduler --scheduler-file)")
     parser.add_argument("--cluster", choices=["local", "slurm"], help="override build.cluster (slurm uses build.slurm)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the store or a partial build differs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -286,6 +296,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"build.cluster={args.cluster}"] if args.cluster else [])
     cfg = load_pipeline_config(args.config, overrides)
-    path = build_features(cfg, scheduler=args.scheduler, overwrite=args.overwrite, progress=args.progress)
+    path = build_features(cfg, scheduler=args.scheduler, scheduler_file=args.scheduler_file, overwrite=args.overwrite,
+                          progress=args.progress)
     print(f"feature store ready: {path}")
     return 0

@@ -8,12 +8,14 @@ properties here, computed in one place.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from dask.utils import parse_timedelta
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.recipe import Recipe
 from topoflow.config import Strict, load_sections
@@ -158,11 +160,29 @@ class DataConfig(Recipe):
         return self.names_of("dynamic")
 
 
-class SlurmConfig(Strict):
-    """dask-jobqueue SLURMCluster settings for `build --cluster slurm` (one Dask worker process per job).
+def slurm_seconds(walltime: str) -> int:
+    """Seconds in a SLURM time limit, in any form `sbatch --time` takes: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", walltime.strip())
+    if match is None:
+        raise ValueError(f"walltime {walltime!r} is not a SLURM time limit: write HH:MM:SS (e.g. 02:00:00) or "
+                         "D-HH:MM:SS")
+    days, parts = match[1], [int(p) for p in match[2].split(":")]
+    if days is None:  # M, M:S, H:M:S
+        parts = parts if len(parts) == 3 else [0, *parts, 0][:3]
+    else:  # D-H, D-H:M, D-H:M:S
+        parts = (parts + [0, 0])[:3]
+    hours, minutes, seconds = parts
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
-    Example (`build.slurm` in the YAML): {queue: cpu, account: proj123, cores: 16, memory: 64GB,
-    walltime: "02:00:00", jobs: 4}.
+
+class SlurmConfig(Strict):
+    """dask-jobqueue SLURMCluster settings for `build --cluster slurm`: `jobs` SLURM jobs of `processes`
+    single-threaded Dask worker processes each.
+
+    Example (`build.slurm` in the YAML): {queue: cpu, account: proj123, cores: 16, processes: 16,
+    memory: 64GB, walltime: "02:00:00", jobs: 4, interface: ib0, local_directory: $TMPDIR,
+    job_script_prologue: ["module load netcdf", "source .venv/bin/activate"], worker_lifetime: 110m}.
+    A failed sbatch is reported at once; no worker within `wait_timeout_s` is an error.
     """
 
     queue: str | None = Field(default=None, description="SLURM partition (#SBATCH -p); None = site default")
@@ -170,8 +190,42 @@ class SlurmConfig(Strict):
     cores: int = Field(default=8, gt=0, description="cores per job")
     processes: int = Field(default=8, gt=0, description="Dask worker processes per job (HDF5 reads lock per process)")
     memory: str = Field(default="32GB", description="memory per job, e.g. 64GB")
-    walltime: str = Field(default="02:00:00", description="HH:MM:SS per job")
-    jobs: int = Field(default=2, gt=0, description="SLURM jobs to start")
+    walltime: str = Field(default="02:00:00", description="time limit per job (#SBATCH -t), HH:MM:SS or D-HH:MM:SS")
+    jobs: int = Field(default=2, gt=0, description="SLURM jobs to keep running (a job that ends is resubmitted)")
+    interface: str | None = Field(
+        default=None, description="network interface of the scheduler and the workers, e.g. ib0 (InfiniBand) when "
+                                  "workers cannot reach the scheduler on the default one; None = dask-jobqueue config")
+    local_directory: str | None = Field(
+        default=None, description="node-local scratch where workers spill, e.g. $TMPDIR (expanded on the node); "
+                                  "None = dask-jobqueue config, else Dask's temporary directory")
+    job_script_prologue: list[str] = Field(
+        default=[], description="shell lines the job runs before the workers start, e.g. `module load netcdf`, "
+                                "`source /path/.venv/bin/activate`; empty = dask-jobqueue config")
+    worker_lifetime: str | None = Field(
+        default=None, description="e.g. 55m for a 1-hour walltime: workers retire gracefully after this long "
+                                  "(± lifetime_stagger), so the job ends before SLURM kills it and is resubmitted; "
+                                  "None = workers run until the walltime kills them")
+    lifetime_stagger: str = Field(default="4m", description="random spread of worker_lifetime per worker, so a "
+                                                            "job's workers do not all retire at once")
+    wait_timeout_s: float = Field(default=600, gt=0, description="seconds to wait for the first worker to join "
+                                                                 "before the build fails (queued jobs included)")
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, value: str) -> str:
+        slurm_seconds(value)
+        return value
+
+    @field_validator("worker_lifetime", "lifetime_stagger")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        try:
+            seconds = None if value is None else parse_timedelta(value)
+        except (KeyError, ValueError):
+            raise ValueError(f"{value!r} is not a duration: write e.g. 55m, 4m or 1.5h") from None
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"{value!r} must be a positive duration, e.g. 55m")
+        return value
 
     @model_validator(mode="after")
     def _fits(self) -> "SlurmConfig":
@@ -179,13 +233,36 @@ class SlurmConfig(Strict):
             raise ValueError(f"slurm.cores {self.cores} must be a multiple of slurm.processes {self.processes}")
         return self
 
+    @model_validator(mode="after")
+    def _retires_in_time(self) -> "SlurmConfig":
+        if self.worker_lifetime is None:
+            return self
+        lifetime, stagger = parse_timedelta(self.worker_lifetime), parse_timedelta(self.lifetime_stagger)
+        if stagger >= lifetime:
+            raise ValueError(f"slurm.lifetime_stagger {self.lifetime_stagger} must be shorter than "
+                             f"slurm.worker_lifetime {self.worker_lifetime}: lower it (e.g. 4m for 55m)")
+        if lifetime + stagger >= slurm_seconds(self.walltime):
+            raise ValueError(
+                f"slurm.worker_lifetime {self.worker_lifetime} + lifetime_stagger {self.lifetime_stagger} does not end "
+                f"before the walltime {self.walltime}, so SLURM would kill workers instead of them retiring: set "
+                "worker_lifetime to the walltime minus the stagger minus a few minutes (55m with 4m for 01:00:00)")
+        return self
+
+    @property
+    def worker_extra_args(self) -> list[str]:
+        """dask-jobqueue's walltime pattern: retire each worker before the job's time limit."""
+        if self.worker_lifetime is None:
+            return []
+        return ["--lifetime", self.worker_lifetime, "--lifetime-stagger", self.lifetime_stagger]
+
 
 class BuildConfig(Strict):
     """How `python -m pipeline build` runs: chunking, cluster, Zarr format."""
 
     time_chunk: int = Field(default=24, gt=0, description="time steps per Zarr chunk = per build task")
     zarr_format: Literal[2, 3] = 3
-    cluster: Literal["local", "slurm"] = Field(default="local", description="where workers run unless --scheduler")
+    cluster: Literal["local", "slurm"] = Field(default="local", description="where workers run unless --scheduler "
+                                                                         "or --scheduler-file")
     n_workers: int | None = Field(
         default=None, description="LocalCluster worker processes; None = one per core (HDF5 reads lock per process)")
     threads_per_worker: int = Field(default=1, gt=0, description="threads per LocalCluster worker")
