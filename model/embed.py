@@ -1,4 +1,4 @@
-"""Fixed sine-cosine embeddings (Vaswani et al. 2017; 2-D variant as in MAE/ClimaX)."""
+"""Sine-cosine embeddings (Vaswani et al. 2017; 2-D variant in ClimaX's channel layout)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ def sincos_1d(dim: int, positions: Tensor) -> Tensor:
 
 
 def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
-    """(rows*cols, dim) for a raster patch grid: half the channels encode the row, half the column."""
+    """(rows*cols, dim) for a raster patch grid: the first half of the channels encodes the COLUMN, the
+    second half the row.
+
+    That is ClimaX's layout (microsoft/ClimaX src/climax/utils/pos_embed.py, `get_2d_sincos_pos_embed`:
+    `np.meshgrid(grid_w, grid_h)`, "here w goes first", and the first half is computed from grid[0]), so
+    a model trained from scratch starts where a ClimaX model starts.
+    """
     if dim % 4:
         raise ValueError(f"2-D sincos embedding needs dim divisible by 4, got {dim}")
     rows, cols = grid
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, r.flatten()), sincos_1d(dim // 2, c.flatten())], dim=1)
+    return torch.cat([sincos_1d(dim // 2, c.flatten()), sincos_1d(dim // 2, r.flatten())], dim=1)

@@ -124,7 +124,7 @@ class TopoFlowClimaX(nn.Module):
         self.var_embed = nn.Parameter(sincos_1d(dim, torch.arange(len(self.in_vars)))[None])
         self.var_query = nn.Parameter(torch.zeros(1, 1, dim))
         self.var_agg = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.pos_embed = nn.Parameter(sincos_2d(dim, self.grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d(dim, self.grid)[None])  # learnable, as in ClimaX
         self.lead_time_embed = nn.Linear(1, dim)
         self.lead_phase_embed = nn.Linear(2, dim)  # not in ClimaX (zero-initialised, see _init_weights)
 

@@ -39,6 +39,16 @@ PRESETS: dict[str, Preset] = {
                         PatchLayout(grid=(128, 256), patch_size=2, regions=(32, 32))),
     # configs/demo.yaml: 32x64, patch 2 -> 512 tokens, 4x8 regions; ModelConfig defaults
     "demo": Preset(ModelConfig(), PatchLayout(grid=(32, 64), patch_size=2, regions=(4, 8))),
+    # The released ClimaX backbone (microsoft/ClimaX configs/pretrain_climax.yaml, global_forecast_climax.yaml and
+    # regional_forecast_climax.yaml, model.net.init_args: embed_dim 1024, depth 8, decoder_depth 2, num_heads 16,
+    # mlp_ratio 4, drop_path 0.1) in the layout of its 1.40625-degree checkpoint: a 128x256 grid (our reference
+    # grid's shape) in patches of 4 -> 2048 tokens, so that checkpoint loads whole, pos_embed included. Its patch
+    # size is in no ClimaX config (those are the 5.625-degree [32, 64], patch 2); the released files give it:
+    # 1.40625deg.ckpt is 443432223 bytes, 5.625deg.ckpt 432419871 (huggingface.co/datasets/tungnd/climax_ckpts,
+    # commit b65503b), 4 * 2753088 bytes more = fp32 pos_embed (2048 - 512) x 1024 plus, for 48 variables, the
+    # token embeddings' and head's 4x4 - 2x2 patch weights (48 x 24588): patch 4. Regions 32x32 as in `reference`.
+    "climax": Preset(ModelConfig(embed_dim=1024, depth=8, num_heads=16, mlp_ratio=4.0, decoder_depth=2, drop_path=0.1),
+                     PatchLayout(grid=(128, 256), patch_size=4, regions=(32, 32))),
 }
 
 

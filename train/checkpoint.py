@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.safe_load import read_checkpoint
 from pipeline.config import DataConfig
 from pipeline.records import MODEL_FACTS, StoreRecord
 from topoflow.config import changed_keys
@@ -24,7 +25,8 @@ from topoflow.files import atomic_write_bytes
 
 # Settings a resumed run must share with last.ckpt: they shape the state (model.*) or the batch sequence.
 SEQUENCE_KEYS = ("train.seed", "train.batch_size", "train.accumulate", "train.shuffle_buffer", "train.num_workers",
-                 "train.residual", "train.freeze_backbone", "train.init_from", "train.precision")
+                 "train.residual", "train.freeze_backbone", "train.init_from", "train.init_variables",
+                 "train.precision")
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -36,17 +38,8 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with weights_only=True; a missing or unreadable file is a CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path (train.run_dir holds last.ckpt and best-*.ckpt)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/foreign files
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read safely ({type(exc).__name__}: {exc}); it is truncated, corrupt "
-            "or holds pickled objects: use another checkpoint"
-        ) from None
+    """Read a checkpoint with weights_only=True (`model.safe_load`); a missing or unreadable file is a CheckpointError."""
+    return read_checkpoint(Path(path))
 
 
 def rng_state() -> dict[str, Any]:

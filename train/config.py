@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from model.config import ModelConfig
+from model.variables import unknown_names
 from pipeline.config import PipelineConfig
 from topoflow.config import Strict, apply_overrides, read_yaml, validate_section
 from topoflow.errors import ConfigError
@@ -51,8 +52,16 @@ class TrainConfig(Strict):
     save_top_k: int = Field(default=3, ge=0, description="best checkpoints by val loss to keep")
     log_every: int = Field(default=10, gt=0, description="optimiser steps between CSV/TensorBoard rows")
     init_from: Path | None = Field(default=None, description="checkpoint to fine-tune from (model weights only)")
+    init_variables: list[str] | Literal["positional", "climax"] | None = Field(
+        default=None,
+        description="the variables of init_from's checkpoint, in its order, for a checkpoint that does not name them "
+                    "(ClimaX's releases): names such as 10m_u_component_of_wind are matched to ours by alias "
+                    "(model.variables.ALIASES); `climax` = ClimaX's default_vars; `positional` = checkpoint variable "
+                    "j is model variable j. Names the checkpoint carries itself always win",
+    )
     freeze_backbone: bool = Field(
-        default=False, description="with init_from: train only the head and the weights the checkpoint lacked"
+        default=False, description="with init_from: train only the head and the weights the checkpoint did not "
+                                   "supply whole (new, dropped or partly loaded tensors)"
     )
     strict_data: bool = Field(default=False, description="a corrupt shard is a hard error instead of skipped")
 
@@ -60,6 +69,12 @@ class TrainConfig(Strict):
     def _consistent(self) -> "TrainConfig":
         if self.freeze_backbone and self.init_from is None:
             raise ValueError("freeze_backbone needs init_from: a backbone that was never trained cannot be frozen")
+        if self.init_variables is not None and self.init_from is None:
+            raise ValueError("init_variables names the variables of init_from's checkpoint: set init_from too")
+        if isinstance(self.init_variables, list):
+            twice = sorted({v for v in self.init_variables if self.init_variables.count(v) > 1})
+            if twice or not self.init_variables:
+                raise ValueError(f"init_variables must list each checkpoint variable once, got {self.init_variables}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
         return self
@@ -126,6 +141,18 @@ class ExperimentConfig(PipelineConfig):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ablate: AblateConfig = AblateConfig()
+
+    @model_validator(mode="after")
+    def _known_init_variables(self) -> "ExperimentConfig":
+        """A misspelt checkpoint variable would silently leave its model variable at init: refuse it now."""
+        names = self.train.init_variables
+        unknown = unknown_names(names, self.data.variable_names) if isinstance(names, list) else []
+        if unknown:
+            raise ValueError(
+                f"train.init_variables: {', '.join(unknown)} is neither a model variable (data.variables: "
+                f"{self.data.variable_names}) nor a known ClimaX/ERA5/CAMS name (model.variables.ALIASES, "
+                "CLIMAX_DEFAULT_VARS): fix the spelling")
+        return self
 
 
 def experiment_from_dict(raw: dict[str, Any], source: str, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -56,14 +56,17 @@ class FitResult:
     model: nn.Module
 
 
-def _trainable_after_freeze(net: nn.Module, newly_initialised: list[str]) -> None:
-    """Freeze everything loaded from init_from except the head: train the head and what was missing."""
-    keep = set(newly_initialised)
+def _trainable_after_freeze(net: nn.Module, fresh: list[str]) -> None:
+    """Freeze what init_from supplied whole; train the head and `fresh` (new, dropped or partly loaded
+    tensors: `LoadReport.fresh`), so no tensor stays frozen at its random init."""
+    keep = set(fresh)
     for name, param in net.named_parameters():
         param.requires_grad = name in keep or name.startswith("head.")
     n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    log.info("freeze_backbone: %d of %d parameters trainable (%s + head)", n_train,
-             sum(p.numel() for p in net.parameters()), sorted(keep) or "nothing new")
+    frozen = [name for name, param in net.named_parameters() if not param.requires_grad]
+    log.info("freeze_backbone: %d of %d parameters trainable (head + %s); frozen, as loaded from the checkpoint: %s",
+             n_train, sum(p.numel() for p in net.parameters()),
+             sorted(k for k in keep if not k.startswith("head.")) or "nothing new", ", ".join(frozen) or "nothing")
 
 
 def alpha_scalars(net: nn.Module) -> dict[str, float]:
@@ -158,10 +161,10 @@ class Trainer:
         scale = ckpt.get("residual_scale") if ckpt is not None else None  # a resumed run keeps its numbers
         self.ctx = StepContext.create(self.shards, cfg.model.scan, tcfg.residual, tcfg.precision, env.device, scale)
         if tcfg.init_from is not None and ckpt is None:
-            report = load_pretrained(self.net, tcfg.init_from)
+            report = load_pretrained(self.net, tcfg.init_from, tcfg.init_variables)
             log.info("init_from %s: %s", tcfg.init_from, report.summary())
             if tcfg.freeze_backbone:
-                _trainable_after_freeze(self.net, list(report.missing))
+                _trainable_after_freeze(self.net, report.fresh(self.net))
         elif tcfg.freeze_backbone and ckpt is not None:
             _trainable_after_freeze(self.net, ckpt["trainable"])
         return ckpt

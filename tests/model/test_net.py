@@ -108,7 +108,7 @@ def test_variables_selected_by_name():
     assert subset.shape == ref.shape and not torch.allclose(subset, ref)
 
 
-def test_climax_state_dict_names_and_fixed_pos_embed():
+def test_climax_state_dict_names():
     keys = set(make().state_dict())
     for name in ["token_embeds.4.proj.weight", "var_embed", "var_query", "var_agg.in_proj_weight", "var_agg.out_proj.weight",
                  "pos_embed", "lead_time_embed.weight", "blocks.1.norm1.weight", "blocks.1.attn.qkv.weight",
@@ -116,7 +116,22 @@ def test_climax_state_dict_names_and_fixed_pos_embed():
                  "norm.weight", "head.0.weight", "head.2.weight", "head.4.weight", "blocks.0.attn.physics.alpha"]:
         assert name in keys, name
     assert not any(k.startswith("head.6") for k in keys)
-    assert not make().pos_embed.requires_grad
+
+
+def test_pos_embed_is_learnable_with_climax_sincos_layout():
+    """ClimaX trains pos_embed and initialises it with get_2d_sincos_pos_embed (microsoft/ClimaX
+    src/climax/utils/pos_embed.py), whose first half of the channels encodes the column (w), the second the row."""
+    net = make()
+    assert net.pos_embed.requires_grad
+    dim, (rows, cols) = 32, net.grid
+    pos = net.pos_embed.detach()[0].view(rows, cols, dim)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    for r, c in [(0, 0), (1, 3), (3, 7)]:
+        want = torch.cat([torch.sin(c * omega), torch.cos(c * omega), torch.sin(r * omega), torch.cos(r * omega)])
+        torch.testing.assert_close(pos[r, c], want.float())
+    x, lt, orders, ws = batch()
+    net.train()(x, lt, VARS, orders, ws).square().mean().backward()
+    assert net.pos_embed.grad is not None and net.pos_embed.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(
@@ -165,6 +180,28 @@ def test_memory_estimate_and_cli(capsys):
     assert naive["attention_bias_bytes"] > sdpa["attention_bias_bytes"] > flex["attention_bias_bytes"]
     assert model_cli(["estimate", "--preset", "reference"]) == 0
     assert "params 66" in capsys.readouterr().out
+
+
+def climax_params(n_in: int, n_out: int, patch: int, tokens: int, dim: int = 1024, depth: int = 8) -> int:
+    """Parameters of the released ClimaX backbone (mlp_ratio 4, decoder_depth 2) counted by hand, layer by layer."""
+    def linear(fan_in: int, fan_out: int) -> int:
+        return fan_in * fan_out + fan_out
+
+    token_embeds = n_in * linear(patch * patch, dim)  # one Conv2d(1, dim, patch) per input variable
+    var = n_in * dim + dim + 4 * dim * dim + 4 * dim  # var_embed, var_query, var_agg (in_proj 3D x D + out_proj)
+    block = 2 * dim + linear(dim, 3 * dim) + linear(dim, dim) + 2 * dim + linear(dim, 4 * dim) + linear(4 * dim, dim)
+    head = 2 * linear(dim, dim) + linear(dim, n_out * patch * patch)
+    return token_embeds + var + tokens * dim + linear(1, dim) + depth * block + 2 * dim + head
+
+
+def test_climax_preset_has_the_released_size():
+    # ours: 15 inputs, 6 targets, 32x64 patches of 4, plus lead_phase_embed (Linear(2, D)) and one physics alpha
+    assert estimate_memory("climax")["params"] == climax_params(15, 6, 4, 2048) + (2 * 1024 + 1024) + 1 == 109_547_617
+    # ClimaX's releases (48 default_vars in and out): the 1.40625-degree file (patch 4, 2048 tokens) is larger than the
+    # 5.625-degree one (patch 2, 512 tokens) by exactly their fp32 parameter difference, with the same overhead
+    # (file sizes from huggingface.co/datasets/tungnd/climax_ckpts commit b65503b)
+    fine, coarse = climax_params(48, 48, 4, 2048), climax_params(48, 48, 2, 512)
+    assert 443_432_223 - 4 * fine == 432_419_871 - 4 * coarse > 0
 
 
 def test_lead_phase_embedding_tells_same_time_of_day_leads_apart_from_12_h():

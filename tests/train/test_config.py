@@ -62,3 +62,26 @@ def test_a_bad_key_in_the_file_is_reported_as_from_the_file(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=rf"train.batchsize \(in {path}\): unknown key; did you mean "
                                           r"train.batch_size\?"):
         load_experiment_config(path, ["train.lr=1e-4"])
+
+
+def test_init_variables_names_the_checkpoint_variables() -> None:
+    base = ["train.init_from=climax.ckpt"]
+    cfg = load_experiment_config(REPO / "configs" / "demo.yaml",
+                                 base + ["train.init_variables=[10m_u_component_of_wind, orography, geopotential_500, pm25]"])
+    assert cfg.train.init_variables == ["10m_u_component_of_wind", "orography", "geopotential_500", "pm25"]
+    for keyword in ("positional", "climax"):
+        cfg = load_experiment_config(REPO / "configs" / "demo.yaml", base + [f"train.init_variables={keyword}"])
+        assert cfg.train.init_variables == keyword
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.init_variables=[10m_u_componnet_of_wind, temp]",
+     "'10m_u_componnet_of_wind' (did you mean '10m_u_component_of_wind'?) is neither a model variable"),
+    ("train.init_variables=[u, u]", "init_variables must list each checkpoint variable once"),
+    ("train.init_variables=by_position", "Input should be 'positional' or 'climax'"),
+])
+def test_bad_init_variables_name_the_problem(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_experiment_config(REPO / "configs" / "demo.yaml", ["train.init_from=climax.ckpt", override])
+    with pytest.raises(ConfigError, match="init_variables names the variables of init_from's checkpoint"):
+        load_experiment_config(REPO / "configs" / "demo.yaml", ["train.init_variables=positional"])

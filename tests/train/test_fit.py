@@ -118,3 +118,25 @@ def test_capped_validation_always_starts_at_the_first_batch(tiny_experiment: dic
     assert validate(net, loader, ctx, 1) == first
     whole = validate(net, loader, ctx, None)
     assert whole != first and validate(net, loader, ctx, 1) == first
+
+
+def test_freeze_backbone_freezes_only_what_the_checkpoint_supplied(caplog: pytest.LogCaptureFixture) -> None:
+    from model import ModelConfig, TopoFlowClimaX
+    from topoflow.layout import PatchLayout
+    from train.fit import _trainable_after_freeze
+
+    layout = PatchLayout(grid=(8, 16), patch_size=2, regions=(2, 2))
+    torch.manual_seed(1)
+    src = TopoFlowClimaX(ModelConfig(embed_dim=16, depth=2, num_heads=2, physics={"enabled": False}), ["v", "u"],
+                         ["pm25"], layout)
+    sd = dict(src.state_dict())
+    sd["blocks.1.mlp.fc2.bias"] = torch.zeros(7)  # a shape the model cannot take: dropped, left at init
+    net = TopoFlowClimaX(ModelConfig(embed_dim=16, depth=2, num_heads=2), ["u", "v", "temp"], ["pm25", "pm10"], layout)
+    report = load_pretrained(net, {"state_dict": sd, "variables": ["v", "u"]})
+    with caplog.at_level("INFO", logger="train"):
+        _trainable_after_freeze(net, report.fresh(net))
+    trainable = {name for name, p in net.named_parameters() if p.requires_grad}
+    head = {name for name, _ in net.named_parameters() if name.startswith("head.")}  # trains, loaded or not
+    new = {"token_embeds.2.proj.weight", "token_embeds.2.proj.bias", "blocks.0.attn.physics.alpha"}  # not in it
+    assert trainable == new | {"var_embed", "blocks.1.mlp.fc2.bias"} | head  # + partly loaded, dropped
+    assert "frozen, as loaded from the checkpoint: " in caplog.text and "blocks.0.attn.qkv.weight" in caplog.text
