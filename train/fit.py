@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import load_pretrained
-from topoflow.errors import ConfigError, TopoFlowError, TrainingError
+from topoflow.errors import CheckpointError, ConfigError, TopoFlowError, TrainingError
 from topoflow.lock import exclusive
 from topoflow.progress import progress_bar
 from train.batch import Batch
@@ -180,7 +180,14 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.net.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as exc:  # torch's "parameter group that doesn't match the size of optimizer's group"
+            raise CheckpointError(
+                f"cannot resume from {self.run_dir / LAST}: it was written with other trainable parameters ({exc}); "
+                "this happens across versions that train other tensors (e.g. pos_embed became trainable) or with "
+                f"another freeze_backbone. Start a new run: --set train.run_dir=NEW_DIR --set "
+                f"train.init_from={self.run_dir / LAST}") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.best = int(ckpt["step"]), int(ckpt["epoch"]), float(ckpt["best_val_loss"])

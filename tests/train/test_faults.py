@@ -23,7 +23,7 @@ import torch
 from pipeline.shardset import read_manifest, write_manifest
 from tests.helpers import REPO, plant_pickled_input, write_config
 from tests.kill import run_killed
-from topoflow.errors import ConfigError, OutputError, ShardSetError
+from topoflow.errors import CheckpointError, ConfigError, OutputError, ShardSetError
 from topoflow.lock import exclusive
 from train.__main__ import main
 from train.checkpoint import load_checkpoint, save_atomic
@@ -124,6 +124,18 @@ def test_resume_refuses_settings_that_change_the_batches_and_names_them(tiny_exp
     longer = load_experiment_config(tmp_path / "c.yaml", ["train.max_steps=6", "train.lr=5e-4"])
     assert fit(longer, resume=True, progress=False).step == 6  # other settings apply from the resumed step on
     assert "train.lr: 0.001 -> 0.0005" in caplog.text and "train.max_steps: 4 -> 6" in caplog.text
+
+
+def test_a_checkpoint_with_other_trainable_parameters_is_refused_with_the_fix(tiny_experiment: dict,
+                                                                             tmp_path: Path) -> None:
+    """A last.ckpt from a version that trained fewer tensors (pos_embed used to be frozen) cannot resume."""
+    cfg = load_experiment_config(write_config(tiny_experiment, tmp_path / "c.yaml"))
+    fit(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    ckpt["optimizer"]["param_groups"][0]["params"] = ckpt["optimizer"]["param_groups"][0]["params"][1:]
+    save_atomic(ckpt, tmp_path / "run" / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"(?s)other trainable parameters.*train.run_dir=NEW_DIR"):
+        fit(cfg, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("command", ["fit", "evaluate"])
