@@ -22,7 +22,7 @@ import torch
 
 from pipeline.shardset import read_manifest, write_manifest
 from tests.helpers import REPO, plant_pickled_input, write_config
-from tests.kill import run_killed
+from tests.kill import alive, children, kill_all, run_killed
 from topoflow.errors import CheckpointError, ConfigError, OutputError, ShardSetError
 from topoflow.lock import exclusive
 from train.__main__ import main
@@ -211,25 +211,6 @@ def test_a_checkpoint_write_on_a_full_disk_names_it_and_leaves_nothing(tmp_path:
     assert list(tmp_path.iterdir()) == []
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _lock_free(run_dir: Path) -> bool:
     try:
         with exclusive(run_dir, "run directory"):
@@ -253,21 +234,17 @@ def test_ranks_die_with_a_sigkilled_torchrun_and_release_the_run_dir(tiny_experi
         while not (tmp_path / "run" / "last.ckpt").exists():  # training is under way
             assert time.monotonic() < deadline and launcher.poll() is None, "torchrun did not start training"
             time.sleep(0.2)
-        ranks = _children(launcher.pid)
+        ranks = children(launcher.pid)
         assert len(ranks) == 2
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
         deadline = time.monotonic() + 30
-        while (any(_alive(pid) for pid in ranks) or not _lock_free(tmp_path / "run")) and time.monotonic() < deadline:
+        while (any(alive(pid) for pid in ranks) or not _lock_free(tmp_path / "run")) and time.monotonic() < deadline:
             time.sleep(0.2)  # a zombie leader's other threads may still be tearing down, holding its files
-        assert not any(_alive(pid) for pid in ranks), "ranks kept training after their launcher died"
+        assert not any(alive(pid) for pid in ranks), "ranks kept training after their launcher died"
         assert _lock_free(tmp_path / "run"), "the run_dir lock outlived the ranks"
     finally:
-        for pid in [launcher.pid, *ranks]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all([launcher.pid, *ranks])
 
 
 def test_a_read_only_run_dir_is_an_error_naming_it(tiny_experiment: dict, tmp_path: Path,

@@ -15,7 +15,8 @@ import pytest
 
 import train.fit
 from tests.helpers import REPO, write_config
-from tests.train.test_faults import _alive, _children, _lock_free, assert_same_run
+from tests.kill import alive, descendants, kill_all
+from tests.train.test_faults import _lock_free, assert_same_run
 from train.__main__ import main
 from train.checkpoint import load_checkpoint
 from train.preempt import EXIT_PREEMPTED, STOP_SIGNALS
@@ -78,15 +79,6 @@ def _torchrun(config: Path, *extra: str) -> subprocess.Popen:
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        children = _children(todo.pop())
-        found += children
-        todo += children
-    return found
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tree read from /proc")
 def test_sigterm_to_torchrun_stops_both_ranks_cleanly_and_resume_is_bit_identical(
         preempt_raw: dict, tmp_path: Path) -> None:
@@ -103,24 +95,20 @@ def test_sigterm_to_torchrun_stops_both_ranks_cleanly_and_resume_is_bit_identica
         while not (tmp_path / "run" / "last.ckpt").exists():  # step 1 is done: training is under way
             assert time.monotonic() < deadline and launcher.poll() is None, "torchrun did not start training"
             time.sleep(0.05)
-        tree = _descendants(launcher.pid)  # 2 ranks and their 2 loader workers each
+        tree = descendants(launcher.pid)  # 2 ranks and their 2 loader workers each
         assert len(tree) >= 2
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=60)
         deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [pid for pid in tree if _alive(pid)], "a rank or loader worker outlived torchrun"
+        assert not [pid for pid in tree if alive(pid)], "a rank or loader worker outlived torchrun"
         assert _lock_free(tmp_path / "run")
         stopped = load_checkpoint(tmp_path / "run" / "last.ckpt")["step"]
         assert 1 <= stopped < 40, stopped
         assert f"after step {stopped}: last.ckpt is written" in (tmp_path / "run" / "train.log").read_text()
     finally:
-        for pid in [launcher.pid, *tree]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all([launcher.pid, *tree])
     assert _torchrun(config, "--resume").wait(timeout=300) == 0, config.with_suffix(".log").read_text()
     assert_same_run(tmp_path / "ref", tmp_path / "run")
 
