@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     helps = {
         "fit": "train (DDP under torchrun), writing checkpoints and logs to train.run_dir",
         "evaluate": "skill on the test split vs persistence: metrics.json, report.md, figures",
-        "ablate": "train every ablate.variants x ablate.seeds and tabulate val loss with a verdict",
+        "ablate": "train every ablate.variants x ablate.seeds, evaluate each on the test split, tabulate and test "
+                  "each variant against the control",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)

@@ -1,8 +1,10 @@
-"""`python -m train ablate`: train every configured variant with every seed and tabulate val loss.
+"""`python -m train ablate`: train every configured variant with every seed, tabulate val loss, evaluate
+every run on the test split and test each variant against the control arm (`train.ablate_skill`).
 
 Each (variant, seed) trains in its own run directory under ablate.run_dir, so an interrupted
 ablation restarts where it stopped: finished runs are reused, a run with a last.ckpt resumes, a run
-without one starts afresh (`fit`'s --resume rule).
+without one starts afresh (`fit`'s --resume rule); a run whose test report is newer than its best
+checkpoint is not evaluated again.
 The verdict compares against the reference experiment's criteria (baseline 0.3557, target < 0.32)
 and against the no-physics arm of this very ablation, which is the comparison that transfers to
 any dataset.
@@ -18,6 +20,8 @@ import numpy as np
 
 from topoflow.errors import TrainingError
 from topoflow.files import atomic_write_bytes, atomic_write_json
+from train.ablate_skill import (Runs, compare, control_arm, evaluate_run, significance_markdown, skill_markdown,
+                                skill_table, verdicts)
 from train.config import ExperimentConfig, load_experiment_config
 from train.distributed import DistEnv, init_distributed
 from train.fit import fit
@@ -35,7 +39,7 @@ def verdict(results: dict[str, list[float]], cfg: ExperimentConfig) -> str:
     a = cfg.ablate
     means = {name: _summary(losses)[0] for name, losses in results.items()}
     best = min(means, key=means.get)
-    control = a.variants[0].name
+    control = control_arm(cfg)
     meets = "MEETS" if means[best] < a.target_val_loss else "does NOT meet"
     beats = "below" if means[best] < a.baseline_val_loss else "not below"
     gain = (means[control] - means[best]) / means[control] * 100 if means[control] else 0.0
@@ -59,8 +63,9 @@ def ablate(config_path: Path, overrides: list[str], *, progress: bool = True, en
     cfg = load_experiment_config(config_path, overrides)
     root = Path(cfg.ablate.run_dir)
     results: dict[str, list[float]] = {}
+    reports: Runs = {}
     for variant in cfg.ablate.variants:
-        results[variant.name] = []
+        results[variant.name], reports[variant.name] = [], []
         for seed in cfg.ablate.seeds:
             run_dir = root / variant.name / f"seed{seed}"
             run_cfg = load_experiment_config(
@@ -70,18 +75,35 @@ def ablate(config_path: Path, overrides: list[str], *, progress: bool = True, en
             if result.best_val_loss is None:
                 raise TrainingError(f"ablation run {run_dir} produced no finite validation loss: see its train.log")
             results[variant.name].append(result.best_val_loss)
+            reports[variant.name].append(evaluate_run(run_cfg, run_dir, progress=progress, env=env))
+    md = root / "ablation.md"
+    if env.is_main:
+        write_summary(root, results, reports, cfg)
+    return md
+
+
+def write_summary(root: Path, results: dict[str, list[float]], reports: Runs, cfg: ExperimentConfig) -> None:
+    """ablation.json and ablation.md: the val-loss table and verdict, the test-split skill table, the
+    significance of each variant against the control and one verdict sentence per variant."""
+    seeds, control = cfg.ablate.seeds, control_arm(cfg)
+    skill, tests = skill_table(reports), compare(reports, control)
+    test_verdicts = verdicts(tests, control, len(seeds))
     summary: dict[str, Any] = {
-        "seeds": cfg.ablate.seeds,
+        "seeds": seeds,
         "val_loss": results,
         "mean_std": {k: _summary(v) for k, v in results.items()},
         "verdict": verdict(results, cfg),
+        "control": control,
+        "test_skill": skill,
+        "significance": tests,
+        "test_verdicts": test_verdicts,
     }
-    md = root / "ablation.md"
-    if env.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root / "ablation.json", summary, sort_keys=False)
-        atomic_write_bytes(md, f"# Ablation ({len(cfg.ablate.seeds)} seeds, best val loss per run)\n\n"
-                               f"{table(results, cfg.ablate.seeds)}\n\n{summary['verdict']}\n".encode())
-        print(table(results, cfg.ablate.seeds))
-        print(summary["verdict"])
-    return md
+    sections = [f"# Ablation ({len(seeds)} seeds, best val loss per run)", table(results, seeds), summary["verdict"],
+                skill_markdown(skill, len(seeds)), significance_markdown(tests, control),
+                "## Verdict on the test split", "\n".join(f"- {line}" for line in test_verdicts)]
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "ablation.json", summary, sort_keys=False)
+    atomic_write_bytes(root / "ablation.md", ("\n\n".join(sections) + "\n").encode())
+    print(table(results, seeds))
+    print(summary["verdict"])
+    print("\n".join(test_verdicts))

@@ -1,4 +1,5 @@
-"""`python -m train evaluate`: skill of a checkpoint on the test split, against persistence.
+"""`python -m train evaluate`: skill of a checkpoint on the test split, against persistence and the
+stronger baselines of `train.baselines` (climatology, diurnal persistence, advection).
 
 Three steps: `load` (checkpoint, shard set, network, loader), `accumulate` (every batch and lead into
 running sums, merged across ranks) and `report` (metrics.json, report.md, figures). Persistence
@@ -22,6 +23,7 @@ from model import ModelConfig
 from topoflow.errors import CheckpointError
 from topoflow.files import atomic_write_bytes, atomic_write_json, writing
 from topoflow.progress import progress_bar
+from train.baselines import SOURCES, Baselines
 from train.checkpoint import check_data, load_checkpoint
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_gather, all_reduce_sum, init_distributed
@@ -33,9 +35,9 @@ from train.report import markdown_report, plot_alphas, plot_maps, plot_rmse_by_l
 from train.rundir import check_run_id, default_checkpoint
 from train.shards import load_shard_set
 from train.step import StepContext, forward
+from train.time_errors import ERRORS_FILE, TimeErrors
 
 log = logging.getLogger("train")
-SOURCES = ("model", "persistence")
 Skill = dict[str, dict[str, dict[int, SkillAccumulator]]]  # source -> pollutant -> lead -> sums
 
 
@@ -50,6 +52,7 @@ class Evaluation:
     ctx: StepContext
     loader: ShardStream
     n_batches: int
+    baselines: Baselines
 
 
 def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evaluation:
@@ -79,7 +82,8 @@ def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evalua
                          world_size=env.world_size, strict=cfg.train.strict_data,
                          num_workers=loader_workers(shards, split, env.world_size, cfg.train.num_workers))
     log.info("evaluating %s (step %s) on the %s split", path, ckpt.get("step"), split)
-    return Evaluation(path, ckpt, model_cfg, net, ctx, loader, min(len(loader), cfg.evaluate.max_batches or len(loader)))
+    n_batches = min(len(loader), cfg.evaluate.max_batches or len(loader))
+    return Evaluation(path, ckpt, model_cfg, net, ctx, loader, n_batches, Baselines(cfg.data.store, shards))
 
 
 def _map_sample(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, batch: Any, ev: Evaluation) -> dict[str, Any]:
@@ -89,9 +93,9 @@ def _map_sample(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, batch: An
 
 
 @torch.no_grad()
-def accumulate(ev: Evaluation, map_lead: int, progress: bool) -> tuple[Skill, dict[str, Any], int]:
-    """Running skill sums of the model and of persistence, one sample drawn at `map_lead`, and the
-    number of real samples seen (this rank)."""
+def accumulate(ev: Evaluation, map_lead: int, progress: bool, errors: TimeErrors) -> tuple[Skill, dict[str, Any], int]:
+    """Running skill sums of the model, persistence and the baselines, one sample drawn at `map_lead`, and the
+    number of real samples seen (this rank); the model's per-time errors go into `errors`."""
     shards, ctx = ev.ctx.shards, ev.ctx
     units = shards.record.units
     skill: Skill = {src: {p: {lead: SkillAccumulator(exceedance_threshold(p, units[p])) for lead in shards.leads_h}
@@ -114,9 +118,13 @@ def accumulate(ev: Evaluation, map_lead: int, progress: bool) -> tuple[Skill, di
                 pred = (norm.float() * t_std + t_mean).cpu().numpy()
                 truth = (batch.y[:, li] * t_std + t_mean).cpu().numpy()
                 mask = batch.mask[:, li].cpu().numpy()
+                errors.update(batch.times, batch.valid.cpu().numpy(), li, pred, truth, mask, lat_w)
+                forecasts = {"model": pred, "persistence": persistence,
+                             **ev.baselines.forecasts(batch, persistence, lead)}
                 for pi, name in enumerate(shards.targets):
-                    for src, fc in (("model", pred), ("persistence", persistence)):
-                        skill[src][name][lead].update(fc[:, pi], truth[:, pi], mask[:, pi], lat_w)
+                    for src, fc in forecasts.items():  # a baseline without a value (NaN) leaves the cell out
+                        ok = mask[:, pi] & np.isfinite(fc[:, pi])
+                        skill[src][name][lead].update(fc[:, pi], truth[:, pi], ok, lat_w)
                 if lead == map_lead and not sample and bool(batch.valid[0]):
                     sample = _map_sample(pred, truth, mask, batch, ev)
             bar.update(1)
@@ -176,6 +184,7 @@ def report(ev: Evaluation, metrics: dict[str, Any], sample: dict[str, Any], map_
         "samples": _coverage_line(metrics["data"]),
         "model": f"scan={ev.model_cfg.scan}, physics={physics}, residual={ev.ctx.scale is not None}",
         "learned alpha": ", ".join(f"{k}={np.round(v, 3).tolist()}" for k, v in alphas.items()) or "n/a (physics off)",
+        "baselines": ev.baselines.describe(),
     }
     path = out_dir / "report.md"
     atomic_write_bytes(path, markdown_report(metrics, info, figures).encode())
@@ -196,11 +205,15 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
     setup_logging(Path(cfg.train.run_dir), env.is_main)
     ev = load(cfg, checkpoint, env)
     map_lead = min(ev.ctx.shards.leads_h, key=lambda lead: abs(lead - cfg.evaluate.map_lead_h))
-    skill, sample, evaluated = accumulate(ev, map_lead, progress and env.is_main)
+    errors = TimeErrors(ev.ctx.shards.targets, ev.ctx.shards.leads_h)
+    skill, sample, evaluated = accumulate(ev, map_lead, progress and env.is_main, errors)
     metrics = metrics_of(skill, ev.ctx.shards.record.units, env.device)
     metrics["data"] = coverage(ev, evaluated, cfg.evaluate.split, ev.n_batches < len(ev.loader))
+    errors = errors.gathered()
     out_dir = Path(output or cfg.evaluate.output or Path(cfg.train.run_dir) / "report")
     if not env.is_main:
         return out_dir / "report.md"
     with writing(out_dir, "then rerun evaluate"):
-        return report(ev, metrics, sample, map_lead, out_dir, cfg.evaluate.split)
+        path = report(ev, metrics, sample, map_lead, out_dir, cfg.evaluate.split)
+        errors.save(out_dir / ERRORS_FILE)  # per-time errors for `ablate`'s significance test
+        return path

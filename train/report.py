@@ -15,6 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from train.baselines import SOURCES  # noqa: E402
+
+REFERENCES = ("persistence", "climatology")  # skill scores are against these
+
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,12 +55,13 @@ def plot_maps(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, lat: np.nda
 
 
 def plot_rmse_by_lead(metrics: dict[str, Any], names: list[str], path: Path) -> Path:
-    """RMSE against lead per pollutant, model vs persistence."""
+    """RMSE against lead per pollutant, model vs persistence and the baselines present."""
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    styles = ("o-", "s--", "^:", "v:", "d:")
     for ax, name in zip(axes[0], names):
-        for source, style in (("model", "o-"), ("persistence", "s--")):
+        for source, style in zip([s for s in SOURCES if s in metrics], styles):
             leads = sorted(metrics[source][name], key=int)
-            ax.plot([int(lead) for lead in leads], [metrics[source][name][lead]["rmse"] for lead in leads], style,
+            ax.plot([int(lead) for lead in leads], [_nan(metrics[source][name][lead]["rmse"]) for lead in leads], style,
                     label=source)
         ax.set_title(name)
         ax.set_xlabel("lead (h)")
@@ -107,17 +112,35 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+def _nan(value: float | None) -> float:
+    return np.nan if value is None else value
+
+
+def skill_score(rmse: float | None, rmse_ref: float | None) -> float | None:
+    """RMSE skill score 1 - RMSE / RMSE_ref: 1 perfect, 0 no better than the reference, < 0 worse."""
+    if rmse is None or rmse_ref is None or rmse_ref == 0:
+        return None
+    return 1.0 - rmse / rmse_ref
+
+
 def markdown_report(metrics: dict[str, Any], info: dict[str, str], figures: list[Path]) -> str:
-    """Skill tables (model vs persistence per pollutant and lead) and the figures."""
+    """Skill tables (model, persistence and the baselines per pollutant and lead, with RMSE skill scores
+    against persistence and climatology) and the figures."""
     lines = ["# Forecast skill report", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines.append("- skill score SS = 1 - RMSE / RMSE_reference (1 perfect, 0 no better than the reference, < 0 worse)")
     cols = ("rmse", "mae", "bias", "corr", "rmse_latw", "csi", "pod", "far")
+    sources = [s for s in SOURCES if s in metrics]
+    refs = [r for r in REFERENCES if r in metrics]
     for name, by_lead in metrics["model"].items():
+        head = " | ".join([*cols, *(f"SS vs {r}" for r in refs)])
         lines += ["", f"## {name} ({metrics['units'][name]})", "",
-                  "| lead (h) | source | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+                  f"| lead (h) | source | {head} |", "|---|---|" + "---|" * (len(cols) + len(refs))]
         for lead in sorted(by_lead, key=int):
-            for source in ("model", "persistence"):
+            for source in sources:
                 row = metrics[source][name][lead]
-                lines.append(f"| {lead} | {source} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+                scores = [skill_score(row["rmse"], metrics[r][name][lead]["rmse"]) for r in refs]
+                cells = [_fmt(row[c]) for c in cols] + ["n/a" if s is None else f"{s:.3f}" for s in scores]
+                lines.append(f"| {lead} | {source} | " + " | ".join(cells) + " |")
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"

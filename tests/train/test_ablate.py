@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import write_config
+from train import ablate_skill
 from train.__main__ import main
 from train.ablate import verdict
 from train.config import load_experiment_config
+from train.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 
 
-def test_ablation_table_and_verdict(tiny_experiment: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ablation_table_and_verdict(tiny_experiment: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluated: list[Path] = []
+
+    def counting_evaluate(cfg, **kwargs):  # noqa: ANN001, ANN003, ANN202 - a spy around the real evaluate
+        evaluated.append(kwargs["output"])
+        return evaluate(cfg, **kwargs)
+
+    monkeypatch.setattr(ablate_skill, "evaluate", counting_evaluate)
     raw = dict(tiny_experiment)
     raw["train"] = {**raw["train"], "max_steps": 1, "val_batches": 1}
     raw["ablate"] = {"run_dir": str(tmp_path / "abl"), "seeds": [0, 1], "variants": [
@@ -33,9 +45,30 @@ def test_ablation_table_and_verdict(tiny_experiment: dict, tmp_path: Path, capsy
     text = (tmp_path / "abl" / "ablation.md").read_text()
     assert "| no_physics |" in text and "+-" in text and "Verdict:" in text
     assert "Verdict:" in capsys.readouterr().out
-    # a rerun reuses the finished runs (resume at their last step) and gives the same table
+    _assert_test_split_summary(summary, text)
+    assert len(evaluated) == 4 and all((out / "errors.npz").is_file() for out in evaluated)
+    # a rerun reuses the finished runs (resume at their last step) and their test reports, and gives the same tables
     assert main(["ablate", "--config", str(config), "--no-progress"]) == 0
-    assert json.loads((tmp_path / "abl" / "ablation.json").read_text())["val_loss"] == summary["val_loss"]
+    again = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert again["val_loss"] == summary["val_loss"] and again["test_verdicts"] == summary["test_verdicts"]
+    assert len(evaluated) == 4  # nothing re-evaluated
+
+
+def _assert_test_split_summary(summary: dict, text: str) -> None:
+    """Finite mean/std of RMSE, MAE, bias, corr and SS vs persistence per pollutant and lead; one verdict per
+    non-control variant with its p-value."""
+    assert summary["control"] == "no_physics" and list(summary["test_skill"]) == ["no_physics", "multiplicative"]
+    for by_pollutant in summary["test_skill"].values():
+        rows = [row for by_lead in by_pollutant.values() for row in by_lead.values()]
+        assert rows and all({"rmse", "mae", "bias", "ss_persistence"} <= set(row) for row in rows)
+        assert all(math.isfinite(v) for row in rows for k in ("rmse", "mae", "bias", "ss_persistence")
+                   for v in row[k])
+    overall = summary["significance"]["multiplicative"]["overall"]
+    assert 0.0 <= overall["p_value"] <= 1.0 and overall["times"] >= 3
+    [line] = summary["test_verdicts"]
+    assert re.search(r"`multiplicative` vs control `no_physics`: (not )?significant .*p = [0-9.e-]+", line)
+    assert "## Test split, mean +- std over 2 seeds" in text and "| multiplicative | pm25 |" in text
+    assert line in text and "Diebold-Mariano p" in text
 
 
 def test_verdict_against_reference_criteria(tiny_experiment: dict, tmp_path: Path) -> None:
