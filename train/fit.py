@@ -107,7 +107,8 @@ class Trainer:
         if env.distributed:
             self.model = DistributedDataParallel(self.net, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
         self.alpha_names = list(alpha_scalars(self.net))
-        self.log = (ScalarLog(self.run_dir, self.alpha_names, self.step if restore else None, residual=tcfg.residual)
+        self.log = (ScalarLog(self.run_dir, self.alpha_names, self.step if restore else None,
+                               residual=tcfg.residual, targets=self.shards.targets)
                     if env.is_main else None)
 
     def _open_run(self, resume: bool) -> tuple[str, bool]:
@@ -308,12 +309,14 @@ class Trainer:
         epoch_end = self.step % self.steps_per_epoch == 0
         if (tcfg.val_every and self.step % tcfg.val_every == 0) or (not tcfg.val_every and epoch_end) \
                 or self.step == self.total_steps:
-            val_loss = validate(self.net, self.val_loader, self.ctx, tcfg.val_batches)
+            val = validate(self.net, self.val_loader, self.ctx, tcfg.val_batches)
+            val_loss = val.loss
             self.best = min(self.best, val_loss) if math.isfinite(val_loss) else self.best
             self.shown[self.tags["val_loss"]] = f"{val_loss:.4f}"
             bar.set_postfix(self.shown)
             if self.log:
-                self.log.write({"step": self.step, "epoch": epoch, "val_loss": val_loss})
+                self.log.write({"step": self.step, "epoch": epoch, "val_loss": val_loss,
+                                **{f"val_rmse/{t}": v for t, v in val.rmse.items()}})
             self._checkpoint(val_loss)
             self.clock = (time.perf_counter(), 0)  # samples/s measures training only
         elif self.step % tcfg.checkpoint_every == 0 or self.stopping:

@@ -33,17 +33,19 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
             log.addHandler(handler)
 
 
-def scalar_tags(residual: bool, alpha_names: Sequence[str]) -> dict[str, str]:
+def scalar_tags(residual: bool, alpha_names: Sequence[str], targets: Sequence[str] = ()) -> dict[str, str]:
     """The one declaration of what a run logs: the caller's row key -> TensorBoard tag (`train/...`,
     `val/...`); the CSV column is the tag with `/` as `_` (`train/lr` -> `train_lr`).
 
     Losses are named by their units. Validation is the lat-weighted MSE of the normalised state
     ((x - mean) / std). A residual run trains on the change x[t+lead] - x[t] divided by its per-lead
     spread (change_std, train.residual), so its training loss is in other units and not comparable.
+    `val/rmse/{target}` is each target's validation RMSE in the target's own units (ug m-3, ...).
     """
     return {"train_loss": "train/loss_norm_change" if residual else "train/loss_norm_state",
             "val_loss": "val/loss_norm_state", "lr": "train/lr", "grad_norm": "train/grad_norm",
-            "samples_per_s": "train/samples_per_s", **{f"alpha/{n}": f"train/alpha/{n}" for n in alpha_names}}
+            "samples_per_s": "train/samples_per_s", **{f"alpha/{n}": f"train/alpha/{n}" for n in alpha_names},
+            **{f"val_rmse/{t}": f"val/rmse/{t}" for t in targets}}
 
 
 def csv_column(tag: str) -> str:
@@ -58,9 +60,10 @@ class ScalarLog:
     training loss is in normalised-change units (StepContext.scale is set) or normalised-state units.
     """
 
-    def __init__(self, run_dir: Path, alpha_names: list[str], resume_step: int | None, *, residual: bool) -> None:
+    def __init__(self, run_dir: Path, alpha_names: list[str], resume_step: int | None, *, residual: bool,
+                 targets: Sequence[str] = ()) -> None:
         self.path = run_dir / "metrics.csv"
-        self.tags = scalar_tags(residual, alpha_names)
+        self.tags = scalar_tags(residual, alpha_names, targets)
         self.columns = ["step", "epoch", *map(csv_column, self.tags.values())]
         rows = self._rows_until(resume_step) if resume_step is not None and self.path.is_file() else []
         text = io.StringIO()

@@ -69,12 +69,22 @@ def training_loss(net: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
     return weighted_mse(preds, batch.y, batch.mask, ctx.lat_w, change)
 
 
+@dataclass(frozen=True)
+class Validation:
+    """One validation pass: `loss`, the lat-weighted normalised MSE over every target and lead (what best-k
+    ranks by), and `rmse`, each target's lat-weighted RMSE over every lead in its own units."""
+
+    loss: float
+    rmse: dict[str, float]
+
+
 @torch.no_grad()
-def validate(net: nn.Module, loader: ShardStream, ctx: StepContext, max_batches: int | None) -> float:
-    """Lat-weighted MSE over the whole val split and every lead, summed across ranks before dividing."""
+def validate(net: nn.Module, loader: ShardStream, ctx: StepContext, max_batches: int | None) -> Validation:
+    """The whole val split at every lead, sums added across ranks before dividing."""
     net.eval()
     loader.load_state_dict({**loader.state_dict(), "position": 0})  # from the first batch, even after a capped pass
-    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    targets = ctx.shards.targets
+    sums = torch.zeros(1 + len(targets), 2, dtype=torch.float64, device=ctx.device)  # all, then per target
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -82,8 +92,12 @@ def validate(net: nn.Module, loader: ShardStream, ctx: StepContext, max_batches:
         for li, lead in enumerate(batch.lead_times):
             with ctx.autocast():
                 preds = forward(net, batch, ctx, lead.expand(batch.x.shape[0]))
-            num, den = weighted_sq_sums(preds, batch.y[:, li], batch.mask[:, li], ctx.lat_w)
-            sums += torch.stack([num, den]).double()
+            y, mask = batch.y[:, li], batch.mask[:, li]
+            sums[0] += torch.stack(weighted_sq_sums(preds, y, mask, ctx.lat_w)).double()
+            for p in range(len(targets)):
+                sums[1 + p] += torch.stack(weighted_sq_sums(preds[:, p], y[:, p], mask[:, p], ctx.lat_w)).double()
     net.train()
     all_reduce_sum(sums)
-    return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
+    mse = torch.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1], torch.full_like(sums[:, 0], math.nan))
+    std = ctx.shards.input_std[ctx.shards.target_index]  # normalised -> target units
+    return Validation(float(mse[0]), {t: float(mse[1 + p].sqrt()) * float(std[p]) for p, t in enumerate(targets)})

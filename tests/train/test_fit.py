@@ -140,3 +140,28 @@ def test_freeze_backbone_freezes_only_what_the_checkpoint_supplied(caplog: pytes
     new = {"token_embeds.2.proj.weight", "token_embeds.2.proj.bias", "blocks.0.attn.physics.alpha"}  # not in it
     assert trainable == new | {"var_embed", "blocks.1.mlp.fc2.bias"} | head  # + partly loaded, dropped
     assert "frozen, as loaded from the checkpoint: " in caplog.text and "blocks.0.attn.qkv.weight" in caplog.text
+
+
+def test_validation_reports_each_targets_rmse_in_its_units(tiny_experiment: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forecasts off by c_p normalised units everywhere: RMSE_p = c_p x the target's std, loss = a mean of c_p^2."""
+    import train.step
+    from train.loader import ShardStream
+    from train.step import StepContext, validate
+
+    cfg = _cfg(tiny_experiment, tmp_path / "v.yaml", eval_batch_size=2)
+    shards = load_shard_set(cfg.data.shards)
+    offsets = torch.arange(1, len(shards.targets) + 1, dtype=torch.float32) * 0.5
+
+    def off_by_offsets(net, batch, ctx, lead):  # noqa: ANN001, ANN202 - replaces train.step.forward
+        li = int((batch.lead_times == lead[0]).nonzero()[0])
+        return batch.y[:, li] + offsets.view(1, -1, 1, 1)
+
+    monkeypatch.setattr(train.step, "forward", off_by_offsets)
+    ctx = StepContext.create(shards, cfg.model.scan, False, "fp32", torch.device("cpu"))
+    val = validate(build_model(cfg.model, shards), ShardStream(cfg.data.shards, "val", 2, mode="eval"), ctx, None)
+    std = shards.input_std[shards.target_index]
+    assert list(val.rmse) == list(shards.targets)
+    for p, target in enumerate(shards.targets):
+        assert val.rmse[target] == pytest.approx(float(offsets[p]) * float(std[p]), rel=1e-5)
+    assert float(offsets.min()) ** 2 < val.loss < float(offsets.max()) ** 2

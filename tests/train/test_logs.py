@@ -27,10 +27,10 @@ def _tensorboard(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _two_steps(run_dir: Path, residual: bool) -> None:
-    scalars = ScalarLog(run_dir, ["blocks.0"], None, residual=residual)
+    scalars = ScalarLog(run_dir, ["blocks.0"], None, residual=residual, targets=["pm25"])
     scalars.write({"step": 1, **TRAIN_ROW})
     scalars.write({"step": 2, **TRAIN_ROW, "train_loss": 0.125})
-    scalars.write({"step": 2, "epoch": 0, "val_loss": 0.5})
+    scalars.write({"step": 2, "epoch": 0, "val_loss": 0.5, "val_rmse/pm25": 12.5})
     scalars.close()
 
 
@@ -38,13 +38,14 @@ def test_residual_run_logs_grouped_tags_and_the_loss_in_change_units(tmp_path: P
     _two_steps(tmp_path, residual=True)
     columns, rows = _csv(tmp_path)
     assert columns == ["step", "epoch", "train_loss_norm_change", "val_loss_norm_state", "train_lr", "train_grad_norm",
-                       "train_samples_per_s", "train_alpha_blocks.0"]
-    assert [(r["step"], r["train_loss_norm_change"], r["val_loss_norm_state"]) for r in rows] == \
-        [("1", "0.25", ""), ("2", "0.125", ""), ("2", "", "0.5")]
+                       "train_samples_per_s", "train_alpha_blocks.0", "val_rmse_pm25"]
+    assert [(r["step"], r["train_loss_norm_change"], r["val_loss_norm_state"], r["val_rmse_pm25"]) for r in rows] == \
+        [("1", "0.25", "", ""), ("2", "0.125", "", ""), ("2", "", "0.5", "12.5")]
     assert rows[0]["train_alpha_blocks.0"] == "-1.5" and rows[0]["train_lr"] == "0.001"
     tb = _tensorboard(tmp_path)
     assert sorted(tb) == ["train/alpha/blocks.0", "train/grad_norm", "train/loss_norm_change", "train/lr",
-                          "train/samples_per_s", "val/loss_norm_state"]
+                          "train/samples_per_s", "val/loss_norm_state", "val/rmse/pm25"]
+    assert tb["val/rmse/pm25"] == [(2, 12.5)]
     assert tb["train/loss_norm_change"] == [(1, 0.25), (2, 0.125)]
     assert tb["val/loss_norm_state"] == [(2, 0.5)]
     assert tb["train/alpha/blocks.0"] == [(1, -1.5), (2, -1.5)]
