@@ -67,15 +67,32 @@ def tiny_shards(tiny_store: PipelineConfig) -> Path:
     return write_shards(tiny_store, progress=False).parent
 
 
+def _tiny_experiment_raw(tiny_store: PipelineConfig, run_dir: Path) -> dict:
+    raw = tiny_store.model_dump(mode="json")
+    raw["model"] = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1, "chunk_size": 16}
+    raw["train"] = {"run_dir": str(run_dir), "max_steps": 4, "batch_size": 2, "eval_batch_size": 4,
+                    "warmup_steps": 1, "val_every": 2, "checkpoint_every": 2, "log_every": 1, "lr": 1e-3}
+    return raw
+
+
 @pytest.fixture
 def tiny_experiment(tiny_store: PipelineConfig, tiny_shards: Path, tmp_path: Path) -> dict:
     """Raw experiment dict on the session's tiny shards: a very small model and a few-step `train`
     section writing into tmp_path. Edit it, then `write_config` + `train.config.load_experiment_config`."""
-    raw = tiny_store.model_dump(mode="json")
-    raw["model"] = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1, "chunk_size": 16}
-    raw["train"] = {"run_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 2, "eval_batch_size": 4,
-                    "warmup_steps": 1, "val_every": 2, "checkpoint_every": 2, "log_every": 1, "lr": 1e-3}
-    return raw
+    return _tiny_experiment_raw(tiny_store, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tiny_store: PipelineConfig, tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The config of a `tiny_experiment` run fitted and evaluated once per session (its report in
+    <run_dir>/report): for tests that read evaluate's outputs. Read-only; evaluate again with --output."""
+    from train.__main__ import main
+
+    root = tmp_path_factory.mktemp("evaluated_run")
+    config = write_config(_tiny_experiment_raw(tiny_store, root / "run"), root / "eval.yaml")
+    assert main(["fit", "--config", str(config), "--no-progress"]) == 0
+    assert main(["evaluate", "--config", str(config), "--no-progress"]) == 0
+    return config
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import numpy as np
 from topoflow.errors import TrainingError
 from topoflow.files import atomic_write_bytes, atomic_write_json
 from train.ablate_skill import (Runs, compare, control_arm, evaluate_run, significance_markdown, skill_markdown,
-                                skill_table, verdicts)
+                                skill_table, strata_table, terrain_markdown, uphill_table, verdicts)
 from train.config import ExperimentConfig, load_experiment_config
 from train.distributed import DistEnv, init_distributed
 from train.fit import fit
@@ -97,9 +97,12 @@ def write_summary(root: Path, results: dict[str, list[float]], reports: Runs, cf
         "test_skill": skill,
         "significance": tests,
         "test_verdicts": test_verdicts,
+        "terrain_skill": strata_table(reports),
+        "uphill_attention_share": uphill_table(reports),
     }
     sections = [f"# Ablation ({len(seeds)} seeds, best val loss per run)", table(results, seeds), summary["verdict"],
                 skill_markdown(skill, len(seeds)), significance_markdown(tests, control),
+                terrain_markdown(summary["terrain_skill"], summary["uphill_attention_share"], len(seeds)),
                 "## Verdict on the test split", "\n".join(f"- {line}" for line in test_verdicts)]
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "ablation.json", summary, sort_keys=False)

@@ -31,6 +31,8 @@ from train.time_errors import ERRORS_FILE, TimeMSE, load_time_mse
 log = logging.getLogger("train")
 METRICS = ("rmse", "mae", "bias", "corr")
 REFERENCES = ("persistence", "climatology")  # skill-score references, each used when metrics.json holds it
+UPHILL_KEYS = ("with_bias", "without_bias", "uniform")
+STRATA_STATS = ("rmse", "bias", "ss_persistence")  # the per-stratum table's columns
 ALPHA = 0.05
 Runs = dict[str, list[Path]]  # variant -> its runs' report folders, in seed order
 
@@ -81,18 +83,48 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+def _seed_table(seeds: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
+    """pollutant -> lead -> stat -> (mean, std) over the seeds' scores (each source -> pollutant -> lead);
+    a stat missing in any seed is dropped."""
+    table: dict[str, Any] = {}
+    for pollutant, by_lead in seeds[0]["model"].items():
+        table[pollutant] = {}
+        for lead in by_lead:
+            rows = [_run_skill(m, pollutant, lead) for m in seeds]
+            keys = [k for k in rows[0] if all(k in r for r in rows)]
+            table[pollutant][lead] = {k: mean_std([r[k] for r in rows]) for k in keys}
+    return table
+
+
+def _seed_metrics(outs: list[Path]) -> list[dict[str, Any]]:
+    return [json.loads((out / "metrics.json").read_text()) for out in outs]
+
+
 def skill_table(runs: Runs) -> dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]]:
     """variant -> pollutant -> lead -> stat -> (mean, std) over seeds; a stat missing in any seed is dropped."""
+    return {variant: _seed_table(_seed_metrics(outs)) for variant, outs in runs.items()}
+
+
+def strata_table(runs: Runs) -> dict[str, dict[str, Any]]:
+    """variant -> terrain stratum -> pollutant -> lead -> stat -> (mean, std) over seeds, from metrics.json's
+    `strata` (train.stratified); a variant with a run evaluated before strata existed is left out."""
     table: dict[str, Any] = {}
     for variant, outs in runs.items():
-        seeds = [json.loads((out / "metrics.json").read_text()) for out in outs]
-        table[variant] = {}
-        for pollutant, by_lead in seeds[0]["model"].items():
-            table[variant][pollutant] = {}
-            for lead in by_lead:
-                rows = [_run_skill(m, pollutant, lead) for m in seeds]
-                keys = [k for k in rows[0] if all(k in r for r in rows)]
-                table[variant][pollutant][lead] = {k: mean_std([r[k] for r in rows]) for k in keys}
+        seeds = _seed_metrics(outs)
+        if all("strata" in m for m in seeds):
+            table[variant] = {s: _seed_table([m["strata"]["skill"][s] for m in seeds])
+                              for s in seeds[0]["strata"]["skill"]}
+    return table
+
+
+def uphill_table(runs: Runs) -> dict[str, dict[str, tuple[float, float]]]:
+    """variant -> uphill attention share with / without bias and of uniform attention -> (mean, std) over seeds
+    (metrics.json's `diagnostics.uphill_attention_share`; NaN where not measured, e.g. with bias and physics off)."""
+    table: dict[str, Any] = {}
+    for variant, outs in runs.items():
+        shares = [m.get("diagnostics", {}).get("uphill_attention_share") for m in _seed_metrics(outs)]
+        if all(shares):
+            table[variant] = {k: mean_std([_value(s, k) for s in shares]) for k in UPHILL_KEYS}
     return table
 
 
@@ -195,4 +227,28 @@ def significance_markdown(tests: dict[str, dict[str, Any]], control: str) -> str
         for p, by_lead in result["per_target"].items():
             cells = [f"{t['lower_pct']:+.2f}% (p={t['p_value']:.3g})" for t in by_lead.values()]
             lines.append(f"| {variant} | {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _maybe(stat: tuple[float, float] | None) -> str:
+    return "n/a" if stat is None or not math.isfinite(stat[0]) else _cell(stat)
+
+
+def terrain_markdown(strata: dict[str, Any], uphill: dict[str, Any], n_seeds: int) -> str:
+    """Per terrain stratum (mountain, basin, plain): RMSE, bias and SS vs persistence, mean +- std over seeds,
+    and per variant the share of physics-block attention crossing more than 1,000 m uphill."""
+    lines = []
+    if uphill:
+        lines += [f"## Attention crossing > 1,000 m uphill (physics block), mean +- std over {n_seeds} seeds", "",
+                  "| variant | " + " | ".join(k.replace("_", " ") for k in UPHILL_KEYS) + " |",
+                  "|---|" + "---|" * len(UPHILL_KEYS)]
+        lines += [f"| {v} | " + " | ".join(_maybe(row[k]) for k in UPHILL_KEYS) + " |" for v, row in uphill.items()]
+        lines.append("")
+    if strata:
+        lines += [f"## Test split by terrain stratum, mean +- std over {n_seeds} seeds", "",
+                  "| variant | stratum | pollutant | lead h | " + " | ".join(
+                      s.replace("ss_", "SS vs ") for s in STRATA_STATS) + " |", "|---|---|---|---|" + "---|" * len(STRATA_STATS)]
+        lines += [f"| {v} | {s} | {p} | {lead} | " + " | ".join(_maybe(row.get(k)) for k in STRATA_STATS) + " |"
+                  for v, by_s in strata.items() for s, by_p in by_s.items() for p, by_lead in by_p.items()
+                  for lead, row in by_lead.items()]
     return "\n".join(lines)

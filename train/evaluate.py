@@ -23,18 +23,21 @@ from model import ModelConfig
 from topoflow.errors import CheckpointError
 from topoflow.files import atomic_write_bytes, atomic_write_json, writing
 from topoflow.progress import progress_bar
+from train.attention_probe import UphillProbe
 from train.baselines import SOURCES, Baselines
 from train.checkpoint import check_data, load_checkpoint
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_gather, all_reduce_sum, init_distributed
 from train.loader import ShardStream, loader_workers
 from train.logs import setup_logging
-from train.metrics import SkillAccumulator, exceedance_threshold
+from train.metrics import ErrorMaps, SkillAccumulator, exceedance_threshold
 from train.net import build_model, check_shards
-from train.report import markdown_report, plot_alphas, plot_maps, plot_rmse_by_lead, plot_scan_order
+from train.report import (Grid, best_reference, land_mask, markdown_report, plot_alphas, plot_error_maps, plot_maps,
+                          plot_rmse_by_lead, plot_scan_order, plot_taylor)
 from train.rundir import check_run_id, default_checkpoint
 from train.shards import load_shard_set
 from train.step import StepContext, forward
+from train.stratified import StratifiedSkill, load_strata, strata_markdown
 from train.time_errors import ERRORS_FILE, TimeErrors
 
 log = logging.getLogger("train")
@@ -53,6 +56,8 @@ class Evaluation:
     loader: ShardStream
     n_batches: int
     baselines: Baselines
+    strata: StratifiedSkill  # per-terrain-stratum skill sums, filled by `accumulate`
+    probe: UphillProbe  # uphill attention share of the physics block, measured by `accumulate`
 
 
 def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evaluation:
@@ -83,7 +88,9 @@ def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evalua
                          num_workers=loader_workers(shards, split, env.world_size, cfg.train.num_workers))
     log.info("evaluating %s (step %s) on the %s split", path, ckpt.get("step"), split)
     n_batches = min(len(loader), cfg.evaluate.max_batches or len(loader))
-    return Evaluation(path, ckpt, model_cfg, net, ctx, loader, n_batches, Baselines(cfg.data.store, shards))
+    return Evaluation(path, ckpt, model_cfg, net, ctx, loader, n_batches, Baselines(cfg.data.store, shards),
+                      StratifiedSkill(load_strata(cfg.data.store, shards), shards),
+                      UphillProbe(net, shards.patch_elevation, model_cfg.scan))
 
 
 def _map_sample(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, batch: Any, ev: Evaluation) -> dict[str, Any]:
@@ -93,9 +100,11 @@ def _map_sample(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, batch: An
 
 
 @torch.no_grad()
-def accumulate(ev: Evaluation, map_lead: int, progress: bool, errors: TimeErrors) -> tuple[Skill, dict[str, Any], int]:
+def accumulate(ev: Evaluation, map_lead: int, progress: bool, errors: TimeErrors,
+               maps: ErrorMaps) -> tuple[Skill, dict[str, Any], int]:
     """Running skill sums of the model, persistence and the baselines, one sample drawn at `map_lead`, and the
-    number of real samples seen (this rank); the model's per-time errors go into `errors`."""
+    number of real samples seen (this rank); the model's per-time errors go into `errors`, every source's
+    per-cell error sums at `map_lead` into `maps`."""
     shards, ctx = ev.ctx.shards, ev.ctx
     units = shards.record.units
     skill: Skill = {src: {p: {lead: SkillAccumulator(exceedance_threshold(p, units[p])) for lead in shards.leads_h}
@@ -113,6 +122,7 @@ def accumulate(ev: Evaluation, map_lead: int, progress: bool, errors: TimeErrors
             batch = batch.to(ctx.device)
             persistence = (batch.x[:, shards.target_index] * t_std + t_mean).cpu().numpy()
             for li, lead in enumerate(shards.leads_h):
+                ev.probe.arm(batch, li)
                 with ctx.autocast():
                     norm = forward(ev.net, batch, ctx, batch.lead_times[li].expand(batch.x.shape[0]))
                 pred = (norm.float() * t_std + t_mean).cpu().numpy()
@@ -125,6 +135,9 @@ def accumulate(ev: Evaluation, map_lead: int, progress: bool, errors: TimeErrors
                     for src, fc in forecasts.items():  # a baseline without a value (NaN) leaves the cell out
                         ok = mask[:, pi] & np.isfinite(fc[:, pi])
                         skill[src][name][lead].update(fc[:, pi], truth[:, pi], ok, lat_w)
+                        ev.strata.update(src, name, lead, fc[:, pi], truth[:, pi], ok, lat_w)
+                        if lead == map_lead:
+                            maps.update(src, pi, fc[:, pi], truth[:, pi], ok)
                 if lead == map_lead and not sample and bool(batch.valid[0]):
                     sample = _map_sample(pred, truth, mask, batch, ev)
             bar.update(1)
@@ -159,23 +172,37 @@ def metrics_of(skill: Skill, units: dict[str, str], device: torch.device) -> dic
     return metrics
 
 
-def report(ev: Evaluation, metrics: dict[str, Any], sample: dict[str, Any], map_lead: int, out_dir: Path,
-           split: str) -> Path:
-    """metrics.json, the figures and report.md in `out_dir`; returns report.md."""
+def _figures(ev: Evaluation, metrics: dict[str, Any], sample: dict[str, Any], maps: ErrorMaps, map_lead: int,
+             alphas: dict[str, np.ndarray], out_dir: Path) -> list[Path]:
+    """Every figure of the report, in report order."""
     shards = ev.ctx.shards
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "metrics.json", metrics, sort_keys=False)
+    names, units = shards.targets, shards.record.units
+    grid = Grid(shards.lat, shards.lon, land_mask(shards.loss_mask, shards.static))
+    reference = {name: best_reference(metrics, name, map_lead) for name in names}
     figures = [
-        plot_maps(sample["pred"], sample["truth"], sample["mask"], shards.lat, shards.lon, shards.targets,
-                  shards.record.units, f"{sample['time']} + {map_lead} h", out_dir / f"maps_lead{map_lead}h.png"),
-        plot_rmse_by_lead(metrics, shards.targets, out_dir / "rmse_by_lead.png"),
+        plot_maps(sample["pred"], sample["truth"], sample["mask"], grid, names, units,
+                  f"{sample['time']} + {map_lead} h", out_dir / f"maps_lead{map_lead}h.png"),
+        plot_error_maps({src: maps.result(src) for src in {"model", *reference.values()}}, reference, grid, names,
+                        units, f"time-mean error at lead {map_lead} h, model vs the best reference",
+                        out_dir / f"error_maps_lead{map_lead}h.png"),
+        plot_rmse_by_lead(metrics, names, out_dir / "rmse_by_lead.png"),
+        *[plot_taylor(metrics, names, lead, out_dir / f"taylor_lead{lead}h.png") for lead in shards.leads_h],
     ]
-    alphas = {k: v.detach().cpu().numpy() for k, v in ev.net.physics_alphas().items()}
     if alphas:
         figures.append(plot_alphas(alphas, out_dir / "alpha.png"))
     figures.append(plot_scan_order(sample["order"], shards.patch_elevation, shards.layout.patch_grid,
-                                   shards.layout.regions, f"scan order ({ev.model_cfg.scan}) at {sample['time']}",
+                                   shards.layout.regions, grid, f"scan order ({ev.model_cfg.scan}) at {sample['time']}",
                                    out_dir / "scan_order.png"))
+    return figures
+
+
+def report(ev: Evaluation, metrics: dict[str, Any], sample: dict[str, Any], maps: ErrorMaps, map_lead: int,
+           out_dir: Path, split: str) -> Path:
+    """metrics.json, the figures and report.md in `out_dir`; returns report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", metrics, sort_keys=False)
+    alphas = {k: v.detach().cpu().numpy() for k, v in ev.net.physics_alphas().items()}
+    figures = _figures(ev, metrics, sample, maps, map_lead, alphas, out_dir)
     physics = "on" if ev.model_cfg.physics.enabled else "off"
     info = {
         "checkpoint": str(ev.path),
@@ -187,7 +214,8 @@ def report(ev: Evaluation, metrics: dict[str, Any], sample: dict[str, Any], map_
         "baselines": ev.baselines.describe(),
     }
     path = out_dir / "report.md"
-    atomic_write_bytes(path, markdown_report(metrics, info, figures).encode())
+    terrain = strata_markdown(metrics["strata"], metrics["diagnostics"]["uphill_attention_share"])
+    atomic_write_bytes(path, (markdown_report(metrics, info, figures) + terrain).encode())
     return path
 
 
@@ -206,14 +234,20 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
     ev = load(cfg, checkpoint, env)
     map_lead = min(ev.ctx.shards.leads_h, key=lambda lead: abs(lead - cfg.evaluate.map_lead_h))
     errors = TimeErrors(ev.ctx.shards.targets, ev.ctx.shards.leads_h)
-    skill, sample, evaluated = accumulate(ev, map_lead, progress and env.is_main, errors)
+    maps = ErrorMaps(SOURCES, (len(ev.ctx.shards.targets), *ev.ctx.shards.loss_mask.shape))
+    skill, sample, evaluated = accumulate(ev, map_lead, progress and env.is_main, errors, maps)
     metrics = metrics_of(skill, ev.ctx.shards.record.units, env.device)
+    maps.load_vector(all_reduce_sum(torch.as_tensor(maps.as_vector(), device=env.device)).cpu().numpy())
     metrics["data"] = coverage(ev, evaluated, cfg.evaluate.split, ev.n_batches < len(ev.loader))
+    metrics["strata"] = ev.strata.summary({s: metrics_of(by_src, ev.ctx.shards.record.units, env.device)
+                                           for s, by_src in ev.strata.skill.items()})
+    probe = all_reduce_sum(torch.as_tensor(ev.probe.as_vector(), device=env.device)).cpu().numpy()
+    metrics["diagnostics"] = {"uphill_attention_share": ev.probe.result(probe, ev.net.has_physics)}
     errors = errors.gathered()
     out_dir = Path(output or cfg.evaluate.output or Path(cfg.train.run_dir) / "report")
     if not env.is_main:
         return out_dir / "report.md"
     with writing(out_dir, "then rerun evaluate"):
-        path = report(ev, metrics, sample, map_lead, out_dir, cfg.evaluate.split)
+        path = report(ev, metrics, sample, maps, map_lead, out_dir, cfg.evaluate.split)
         errors.save(out_dir / ERRORS_FILE)  # per-time errors for `ablate`'s significance test
         return path

@@ -23,7 +23,7 @@ GB3095_LIMITS: dict[str, tuple[float, str]] = {
 }
 # factor that converts a concentration in the key's units to ug m-3
 _TO_UG_M3 = {"ug m-3": 1.0, "ug/m3": 1.0, "mg m-3": 1e3, "mg/m3": 1e3, "kg m-3": 1e9}
-METRIC_NAMES = ("rmse", "mae", "bias", "corr", "rmse_latw", "csi", "pod", "far")
+METRIC_NAMES = ("rmse", "mae", "bias", "corr", "rmse_latw", "csi", "pod", "far", "std_pred", "std_truth")
 _SUMS = ("n", "err", "abs", "sq", "w", "wsq", "p", "t", "pp", "tt", "pt", "hits", "misses", "false_alarms")
 
 
@@ -79,14 +79,15 @@ class SkillAccumulator:
         self.sums = {k: float(v) for k, v in zip(_SUMS, vec)}
 
     def result(self) -> dict[str, float | None]:
-        """rmse, mae, bias (pred - truth), Pearson corr, lat-weighted rmse, CSI/POD/FAR (None when undefined)."""
+        """rmse, mae, bias (pred - truth), Pearson corr, lat-weighted rmse, CSI/POD/FAR and the (population)
+        standard deviations of forecast and truth that a Taylor diagram needs (None when undefined)."""
         s = self.sums
         n = s["n"]
         if n == 0:
             return dict.fromkeys(METRIC_NAMES)
         cov = s["pt"] / n - (s["p"] / n) * (s["t"] / n)
-        var_p = s["pp"] / n - (s["p"] / n) ** 2
-        var_t = s["tt"] / n - (s["t"] / n) ** 2
+        var_p = max(s["pp"] / n - (s["p"] / n) ** 2, 0.0)  # rounding can take a zero variance below 0
+        var_t = max(s["tt"] / n - (s["t"] / n) ** 2, 0.0)
         out: dict[str, float | None] = {
             "rmse": math.sqrt(s["sq"] / n),
             "mae": s["abs"] / n,
@@ -96,6 +97,8 @@ class SkillAccumulator:
             "csi": None,
             "pod": None,
             "far": None,
+            "std_pred": math.sqrt(var_p),
+            "std_truth": math.sqrt(var_t),
         }
         if self.threshold is not None:
             h, m, f = s["hits"], s["misses"], s["false_alarms"]
@@ -103,3 +106,33 @@ class SkillAccumulator:
             out["pod"] = h / (h + m) if h + m > 0 else None
             out["far"] = f / (h + f) if h + f > 0 else None
         return out
+
+
+class ErrorMaps:
+    """Per-cell running sums (count, error, squared error) per source and pollutant at one lead: the time-mean
+    bias and RMSE maps, in O(sources x P x H x W) memory whatever the length of the split."""
+
+    def __init__(self, sources: tuple[str, ...] | list[str], shape: tuple[int, int, int]) -> None:
+        self.sources = list(sources)
+        self.sums = np.zeros((len(self.sources), 3, *shape), dtype=np.float64)
+
+    def update(self, source: str, index: int, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> None:
+        """Add a batch (B, H, W) of pollutant `index`; cells not `valid` add nothing."""
+        e = np.where(valid, pred.astype(np.float64) - truth, 0.0)
+        sums = self.sums[self.sources.index(source), :, index]
+        sums[0] += valid.sum(axis=0)
+        sums[1] += e.sum(axis=0)
+        sums[2] += (e * e).sum(axis=0)
+
+    def as_vector(self) -> np.ndarray:
+        """The sums flattened, for an all-reduce across ranks."""
+        return self.sums.ravel()
+
+    def load_vector(self, vec: np.ndarray) -> None:
+        self.sums = np.asarray(vec, dtype=np.float64).reshape(self.sums.shape)
+
+    def result(self, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """(bias, rmse), each (P, H, W); NaN where a cell never had a valid value."""
+        n, err, sq = self.sums[self.sources.index(source)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, err / n, np.nan), np.where(n > 0, np.sqrt(sq / n), np.nan)

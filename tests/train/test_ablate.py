@@ -69,6 +69,12 @@ def _assert_test_split_summary(summary: dict, text: str) -> None:
     assert re.search(r"`multiplicative` vs control `no_physics`: (not )?significant .*p = [0-9.e-]+", line)
     assert "## Test split, mean +- std over 2 seeds" in text and "| multiplicative | pm25 |" in text
     assert line in text and "Diebold-Mariano p" in text
+    # terrain strata and the uphill attention share, per variant (no bias to measure without physics)
+    assert [set(by_s) for by_s in summary["terrain_skill"].values()] == [{"mountain", "basin", "plain"}] * 2
+    uphill = summary["uphill_attention_share"]
+    assert math.isnan(uphill["no_physics"]["with_bias"][0]) and 0 <= uphill["multiplicative"]["with_bias"][0] <= 1
+    assert "## Test split by terrain stratum" in text and "| multiplicative | plain | pm25 |" in text
+    assert "## Attention crossing > 1,000 m uphill" in text
 
 
 def test_verdict_against_reference_criteria(tiny_experiment: dict, tmp_path: Path) -> None:

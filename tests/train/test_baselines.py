@@ -11,8 +11,6 @@ import pytest
 import torch
 import xarray as xr
 
-from tests.helpers import write_config
-from train.__main__ import main
 from train.baselines import BASELINES, EARTH_RADIUS_M, Climatology, StoreTargets, advect, diurnal_lag_h
 from train.config import load_experiment_config
 from train.metrics import METRIC_NAMES
@@ -130,11 +128,9 @@ def _rmse(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_evaluate_scores_the_baselines_like_the_store_says(tiny_experiment: dict, tmp_path: Path) -> None:
-    config = write_config(tiny_experiment, tmp_path / "eval.yaml")
-    assert main(["fit", "--config", str(config), "--no-progress"]) == 0
-    assert main(["evaluate", "--config", str(config), "--no-progress"]) == 0
-    report = tmp_path / "run" / "report"
+def test_evaluate_scores_the_baselines_like_the_store_says(evaluated_run: Path) -> None:
+    config = evaluated_run
+    report = config.parent / "run" / "report"
     metrics = json.loads((report / "metrics.json").read_text())
     cfg = load_experiment_config(config)
     for source in BASELINES:

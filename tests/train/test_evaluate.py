@@ -28,7 +28,7 @@ def test_evaluate_writes_report(tiny_experiment: dict, tmp_path: Path, capsys: p
     cfg = load_experiment_config(config)
     metrics = json.loads((report.parent / "metrics.json").read_text())
     assert set(metrics) == {"model", "persistence", "climatology", "diurnal_persistence", "advection", "units",
-                            "data"}
+                            "data", "strata", "diagnostics"}
     n_test = 16  # 2018-01-05T00 .. 01-06T21, 3-hourly
     assert metrics["data"] == {"split": "test", "samples": n_test, "evaluated": n_test, "skipped_shards": [],
                                "capped_by_max_batches": False}
