@@ -16,12 +16,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from topoflow.errors import TrainingError
 from topoflow.files import atomic_write_bytes, atomic_write_json
-from train.ablate_skill import (Runs, compare, control_arm, evaluate_run, significance_markdown, skill_markdown,
-                                skill_table, strata_table, terrain_markdown, uphill_table, verdicts)
+from train.ablate_skill import (Runs, compare, control_arm, evaluate_run, mean_std, significance_markdown,
+                                skill_markdown, skill_table, strata_table, terrain_markdown, uphill_table, verdicts)
 from train.config import ExperimentConfig, load_experiment_config
 from train.distributed import DistEnv, init_distributed
 from train.fit import fit
@@ -29,15 +27,10 @@ from train.fit import fit
 log = logging.getLogger("train")
 
 
-def _summary(losses: list[float]) -> tuple[float, float]:
-    arr = np.asarray(losses, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-
-
 def verdict(results: dict[str, list[float]], cfg: ExperimentConfig) -> str:
     """One line: the best variant against the reference criteria and against the first (control) arm."""
     a = cfg.ablate
-    means = {name: _summary(losses)[0] for name, losses in results.items()}
+    means = {name: mean_std(losses)[0] for name, losses in results.items()}
     best = min(means, key=means.get)
     control = control_arm(cfg)
     meets = "MEETS" if means[best] < a.target_val_loss else "does NOT meet"
@@ -52,7 +45,7 @@ def table(results: dict[str, list[float]], seeds: list[int]) -> str:
     lines = ["| variant | val loss (mean +- std) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|---|" + "---|" * len(seeds)]
     for name, losses in results.items():
-        mean, std = _summary(losses)
+        mean, std = mean_std(losses)
         lines.append(f"| {name} | {mean:.4f} +- {std:.4f} | " + " | ".join(f"{v:.4f}" for v in losses) + " |")
     return "\n".join(lines)
 
@@ -78,11 +71,11 @@ def ablate(config_path: Path, overrides: list[str], *, progress: bool = True, en
             reports[variant.name].append(evaluate_run(run_cfg, run_dir, progress=progress, env=env))
     md = root / "ablation.md"
     if env.is_main:
-        write_summary(root, results, reports, cfg)
+        writemean_std(root, results, reports, cfg)
     return md
 
 
-def write_summary(root: Path, results: dict[str, list[float]], reports: Runs, cfg: ExperimentConfig) -> None:
+def writemean_std(root: Path, results: dict[str, list[float]], reports: Runs, cfg: ExperimentConfig) -> None:
     """ablation.json and ablation.md: the val-loss table and verdict, the test-split skill table, the
     significance of each variant against the control and one verdict sentence per variant."""
     seeds, control = cfg.ablate.seeds, control_arm(cfg)
@@ -91,7 +84,7 @@ def write_summary(root: Path, results: dict[str, list[float]], reports: Runs, cf
     summary: dict[str, Any] = {
         "seeds": seeds,
         "val_loss": results,
-        "mean_std": {k: _summary(v) for k, v in results.items()},
+        "mean_std": {k: mean_std(v) for k, v in results.items()},
         "verdict": verdict(results, cfg),
         "control": control,
         "test_skill": skill,
