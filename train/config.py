@@ -29,6 +29,8 @@ class TrainConfig(Strict):
     batch_size: int = Field(default=4, gt=0, description="samples per rank per micro-batch")
     eval_batch_size: int = Field(default=4, gt=0)
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers per rank")
+    threads: int | None = Field(default=None, gt=0, description="torch threads per rank; None = the cores this "
+                                "process owns (affinity, SLURM cpus-per-task) / torchrun's ranks on the node")
     shuffle_buffer: int = Field(default=64, ge=1, description="samples held by the loader's shuffle buffer")
     lr: float = Field(default=5e-4, gt=0)
     min_lr: float = Field(default=1e-6, ge=0, description="end of the cosine decay")

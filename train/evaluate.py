@@ -38,6 +38,7 @@ from train.rundir import check_run_id, default_checkpoint
 from train.shards import load_shard_set
 from train.step import StepContext, forward
 from train.stratified import StratifiedSkill, load_strata, strata_markdown
+from train.threads import use_rank_threads
 from train.time_errors import ERRORS_FILE, TimeErrors
 
 log = logging.getLogger("train")
@@ -231,6 +232,7 @@ def evaluate(cfg: ExperimentConfig, *, checkpoint: Path | None = None, output: P
     """Evaluate a checkpoint on evaluate.split; returns the path of report.md (written by rank 0)."""
     env = env or init_distributed()
     setup_logging(Path(cfg.train.run_dir), env.is_main)
+    use_rank_threads(cfg.train.threads)
     ev = load(cfg, checkpoint, env)
     map_lead = min(ev.ctx.shards.leads_h, key=lambda lead: abs(lead - cfg.evaluate.map_lead_h))
     errors = TimeErrors(ev.ctx.shards.targets, ev.ctx.shards.leads_h)

@@ -40,6 +40,7 @@ from train.residual import zero_init_output
 from train.rundir import LAST, RunRecord, best_checkpoints, check_run_id, start_run, update_best
 from train.shards import load_shard_set
 from train.step import StepContext, training_loss, validate
+from train.threads import use_rank_threads
 
 log = logging.getLogger("train")
 
@@ -88,6 +89,7 @@ class Trainer:
         self.cfg, self.env, self.progress = cfg, env, progress
         self.run_dir = Path(cfg.train.run_dir)
         setup_logging(self.run_dir, env.is_main)
+        use_rank_threads(cfg.train.threads)
         self.record: RunRecord | None = None  # rank 0's run record (best-k list)
         self.run_id, restore = self._open_run(resume)
         self._data()

@@ -68,6 +68,9 @@ def test_two_ranks_stay_in_sync_on_uneven_shards(tiny_experiment: dict, tmp_path
            str(tmp_path / "worker.py"), "fit", "--config", str(config), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # a hang fails here
     assert proc.returncode == 0, proc.stderr[-3000:]
+    cores = len(os.sched_getaffinity(0))  # torchrun's OMP_NUM_THREADS=1 is replaced by the cores' even share
+    assert f"{cores} core(s) owned (affinity mask) / 2 rank(s) on this node -> {max(1, cores // 2)} torch" in \
+        (tmp_path / "run" / "train.log").read_text()
 
     p0, p1 = (torch.load(tmp_path / f"params-{r}.pt", weights_only=True) for r in (0, 1))
     assert p0.keys() == p1.keys()
