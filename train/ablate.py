@@ -71,11 +71,11 @@ def ablate(config_path: Path, overrides: list[str], *, progress: bool = True, en
             reports[variant.name].append(evaluate_run(run_cfg, run_dir, progress=progress, env=env))
     md = root / "ablation.md"
     if env.is_main:
-        writemean_std(root, results, reports, cfg)
+        write_summary(root, results, reports, cfg)
     return md
 
 
-def writemean_std(root: Path, results: dict[str, list[float]], reports: Runs, cfg: ExperimentConfig) -> None:
+def write_summary(root: Path, results: dict[str, list[float]], reports: Runs, cfg: ExperimentConfig) -> None:
     """ablation.json and ablation.md: the val-loss table and verdict, the test-split skill table, the
     significance of each variant against the control and one verdict sentence per variant."""
     seeds, control = cfg.ablate.seeds, control_arm(cfg)

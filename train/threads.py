@@ -5,8 +5,10 @@ OMP_NUM_THREADS=1 whenever it starts more than one rank. The first oversubscribe
 (2 ranks x 2 threads on 2 cores: each step several times slower, see benchmarks/train.py); the
 second leaves most cores of a 64-core HPC node idle. The cores a process owns are its CPU affinity
 mask (srun's binding, taskset, a cgroup cpuset), capped by SLURM_CPUS_PER_TASK when SLURM gives one;
-torchrun's LOCAL_WORLD_SIZE ranks on the node share them evenly. Loader workers need nothing here:
-torch's DataLoader worker loop already sets one torch thread, and they only read and decode shards.
+torchrun's LOCAL_WORLD_SIZE ranks on the node share them evenly. The BLAS pools numpy and scipy load
+(OpenBLAS starts one thread per core of the machine, like torch) get the same limit through threadpoolctl.
+Loader workers get one torch and one BLAS thread each: they only read, check and decode shards, so a
+worker's core is mostly idle and the rank keeps its full share.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from threadpoolctl import threadpool_limits
+
+from train.preempt import ignore_stop_signals
 
 log = logging.getLogger("train")
 
@@ -59,6 +64,14 @@ def use_rank_threads(requested: int | None) -> ThreadPlan:
     """Size this rank's torch threads (call once per process, before the first heavy op) and log it."""
     plan = thread_plan(requested)
     torch.set_num_threads(plan.rank_threads)
+    threadpool_limits(plan.rank_threads)
     log.info("threads: %s", plan.describe())
     return plan
 
+
+
+def init_loader_worker(worker_id: int) -> None:
+    """DataLoader's worker_init_fn: one BLAS thread (torch's worker loop already sets one torch thread),
+    and the stop signals left to the rank (`train.preempt.ignore_stop_signals`)."""
+    threadpool_limits(1)
+    ignore_stop_signals(worker_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,8 +12,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from threadpoolctl import threadpool_info, threadpool_limits
+from torch.utils.data import DataLoader, IterableDataset
+
 from tests.helpers import REPO
-from train.threads import thread_plan, use_rank_threads
+from train.threads import init_loader_worker, thread_plan, use_rank_threads
 
 
 @pytest.fixture
@@ -47,20 +51,35 @@ def test_ranks_never_oversubscribe_and_always_get_a_thread(cores, ranks):
 
 def test_use_rank_threads_sets_torch_in_a_process_pinned_to_one_core():
     """A real affinity mask (as srun's binding or taskset would set it): torch gets one thread."""
-    code = ("import os, torch; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); torch.set_num_threads(4);"
+    code = ("import os, numpy, torch, threadpoolctl; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]});"
+            "torch.set_num_threads(4); threadpoolctl.threadpool_limits(4);"
             "from train.threads import use_rank_threads; p = use_rank_threads(None);"
-            "print(p.cores, torch.get_num_threads())")
+            "print(p.cores, torch.get_num_threads(), *{i['num_threads'] for i in threadpoolctl.threadpool_info()})")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.stdout.split() == ["1", "1"]
+    assert out.stdout.split() == ["1", "1", "1"]  # torch and every BLAS pool numpy loaded
 
 
 def test_use_rank_threads_logs_the_plan(caplog):
     before = torch.get_num_threads()
     try:
-        with caplog.at_level("INFO", logger="train"):
+        with caplog.at_level("INFO", logger="train"), threadpool_limits(limits=None):  # restores BLAS on exit
             plan = use_rank_threads(1)
         assert torch.get_num_threads() == 1 and plan.source == "train.threads"
         assert "1 torch thread(s) per rank (train.threads)" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+class _ThreadsSeen(IterableDataset):
+    def __iter__(self):
+        yield (torch.get_num_threads(), sorted({i["num_threads"] for i in threadpool_info()}),
+               signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)
+
+
+def test_loader_workers_get_one_torch_and_one_blas_thread_and_ignore_stop_signals():
+    with threadpool_limits(2):  # the rank's pools, which a forked worker inherits
+        loader = DataLoader(_ThreadsSeen(), batch_size=None, num_workers=1, worker_init_fn=init_loader_worker,
+                            multiprocessing_context="fork")
+        (torch_threads, blas_threads, ignores_sigterm), = list(loader)
+    assert torch_threads == 1 and blas_threads == [1] and ignores_sigterm

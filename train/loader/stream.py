@@ -26,8 +26,8 @@ from topoflow.errors import ShardSetError
 from train.batch import Batch
 from train.loader import stages
 from train.loader.plan import EpochPlan, Mode, next_worker, plan_epoch, round_robin, skip_per_worker
-from train.preempt import ignore_stop_signals
 from train.shards import ShardSet, load_shard_set
+from train.threads import init_loader_worker
 
 
 class _Reader:
@@ -149,7 +149,7 @@ class ShardStream:
             # default, which would shift the training RNG (dropout, drop-path) of a resumed run by one draw
             self._loader = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers,
                                       persistent_workers=True, prefetch_factor=self._prefetch_factor,
-                                      worker_init_fn=ignore_stop_signals,
+                                      worker_init_fn=init_loader_worker,
                                       generator=torch.Generator().manual_seed(self._reader.seed))
         self._dataset.control[0], self._dataset.control[1] = self.epoch, self.position
         return iter(self._loader)
