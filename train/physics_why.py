@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from topoflow.files import atomic_write_json
+from topoflow.files import atomic_write_bytes, atomic_write_json
 from train.config import ExperimentConfig, TrainConfig, load_experiment_config
 from train.distributed import init_distributed
 from train.evaluate import Evaluation, load
 from train.loss import weighted_mse
 from train.optim import build_optimizer
 from train.rundir import LAST
-from train.step import forward, validate
+from train.step import forecasts_per_lead, forward, validate
 
 log = logging.getLogger("train")
 ALPHA_FACTORS = (0.0, 1.0, 2.0)
@@ -71,9 +71,8 @@ def gradient(ev: Evaluation, ckpt: dict[str, Any]) -> dict[str, Any]:
     params = alphas(ev)
     grads = []
     for batch in val_batches(ev, GRADIENT_BATCHES):
-        loss = sum(weighted_mse(forward(ev.net, batch, ev.ctx, lead.expand(batch.x.shape[0])), batch.y[:, i],
-                                batch.mask[:, i], ev.ctx.lat_w)
-                   for i, lead in enumerate(batch.lead_times) if batch.mask[:, i].any())  # a lead past the split: none
+        loss = sum(weighted_mse(preds, y, mask, ev.ctx.lat_w) for preds, y, mask in forecasts_per_lead(ev.net, batch, ev.ctx)
+                   if mask.any())  # a lead past the split has no target
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).numpy())
     g = np.stack(grads)  # (batches, alpha values)
     opt = build_optimizer(ev.net, TrainConfig.model_validate(ckpt["config"]["train"]))
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_experiment_config(args.config, [])
     results = [diagnose(cfg, run) for run in args.runs]
     atomic_write_json(args.output, results)
-    args.output.with_suffix(".md").write_text(markdown(results))
+    atomic_write_bytes(args.output.with_suffix(".md"), markdown(results).encode())
     print(markdown(results))
 
 

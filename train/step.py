@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,15 @@ def training_loss(net: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
     return weighted_mse(preds, batch.y, batch.mask, ctx.lat_w, change)
 
 
+def forecasts_per_lead(net: nn.Module, batch: Batch, ctx: StepContext) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(prediction, target, mask) at each of the batch's leads, every sample forecast to that lead: how
+    validation and the diagnostics score a batch (training draws one lead per sample instead)."""
+    for li, lead in enumerate(batch.lead_times):
+        with ctx.autocast():
+            preds = forward(net, batch, ctx, lead.expand(batch.x.shape[0]))
+        yield preds, batch.y[:, li], batch.mask[:, li]
+
+
 @dataclass(frozen=True)
 class Validation:
     """One validation pass: `loss`, the lat-weighted normalised MSE over every target and lead (what best-k
@@ -89,10 +99,7 @@ def validate(net: nn.Module, loader: ShardStream, ctx: StepContext, max_batches:
         if max_batches is not None and i >= max_batches:
             break
         batch = batch.to(ctx.device, non_blocking=True)
-        for li, lead in enumerate(batch.lead_times):
-            with ctx.autocast():
-                preds = forward(net, batch, ctx, lead.expand(batch.x.shape[0]))
-            y, mask = batch.y[:, li], batch.mask[:, li]
+        for preds, y, mask in forecasts_per_lead(net, batch, ctx):
             sums[0] += torch.stack(weighted_sq_sums(preds, y, mask, ctx.lat_w)).double()
             for p in range(len(targets)):
                 sums[1 + p] += torch.stack(weighted_sq_sums(preds[:, p], y[:, p], mask[:, p], ctx.lat_w)).double()
