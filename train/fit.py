@@ -164,8 +164,7 @@ class Trainer:
         scale = ckpt.get("residual_scale") if ckpt is not None else None  # a resumed run keeps its numbers
         self.ctx = StepContext.create(self.shards, cfg.model.scan, tcfg.residual, tcfg.precision, env.device, scale)
         if tcfg.init_from is not None and ckpt is None:
-            report = load_pretrained(self.net, tcfg.init_from, tcfg.init_variables)
-            log.info("init_from %s: %s", tcfg.init_from, report.summary())
+            report = load_pretrained(self.net, tcfg.init_from, tcfg.init_variables)  # logs its summary
             if tcfg.freeze_backbone:
                 _trainable_after_freeze(self.net, report.fresh(self.net))
         elif tcfg.freeze_backbone and ckpt is not None:

@@ -15,22 +15,28 @@ from topoflow.files import atomic_write_bytes, writing
 from topoflow.progress import LOG_FORMAT
 
 log = logging.getLogger("train")
+RUN_LOGGERS = ("train", "model", "topoflow")  # the packages whose records a run keeps
 
 
 def setup_logging(run_dir: Path, is_main: bool) -> None:
     """Rank 0 logs to stderr and run_dir/train.log; other ranks only warn. Replaces earlier handlers
-    (several fits in one process, e.g. an ablation, each log to their own run_dir)."""
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
+    (several fits in one process, e.g. an ablation, each log to their own run_dir). The model's
+    (checkpoint loading) and topoflow's (lock waits) records go to the same place as the trainer's."""
+    handlers: list[logging.Handler] = []
     if is_main:
         with writing(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(run_dir / "train.log")
-        for handler in (logging.StreamHandler(), file_handler):
-            handler.setFormatter(logging.Formatter(LOG_FORMAT))
-            log.addHandler(handler)
+            handlers = [logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    for logger in map(logging.getLogger, RUN_LOGGERS):
+        logger.setLevel(logging.INFO if is_main else logging.WARNING)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            if old not in handlers:
+                old.close()
+        for handler in handlers:
+            logger.addHandler(handler)
 
 
 def scalar_tags(residual: bool, alpha_names: Sequence[str], targets: Sequence[str] = ()) -> dict[str, str]:
