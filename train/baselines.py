@@ -142,8 +142,8 @@ def open_matching_store(path: str | Path, shards: ShardSet) -> tuple[xr.Dataset,
 class Baselines:
     """The three baselines of one evaluation: climatology computed once, store reads per batch."""
 
-    def __init__(self, store: str | Path, shards: ShardSet) -> None:
-        ds, record = open_matching_store(store, shards)
+    def __init__(self, ds: xr.Dataset, record: StoreRecord, shards: ShardSet) -> None:
+        """`ds`, `record`: the store the shard set was written from (`open_matching_store`)."""
         train = split_index(ds["time"].values, record, "train")
         fields = ds["fields"].sel(var=shards.targets).isel(time=train)
         self.climatology = Climatology.from_fields(fields.where(ds["valid"].isel(time=train)))

@@ -24,7 +24,7 @@ from topoflow.errors import CheckpointError
 from topoflow.files import atomic_write_bytes, atomic_write_json, writing
 from topoflow.progress import progress_bar
 from train.attention_probe import UphillProbe
-from train.baselines import SOURCES, Baselines
+from train.baselines import SOURCES, Baselines, open_matching_store
 from train.checkpoint import check_data, load_checkpoint
 from train.config import ExperimentConfig
 from train.distributed import DistEnv, all_gather, all_reduce_sum, init_distributed
@@ -89,8 +89,9 @@ def load(cfg: ExperimentConfig, checkpoint: Path | None, env: DistEnv) -> Evalua
                          num_workers=loader_workers(shards, split, env.world_size, cfg.train.num_workers))
     log.info("evaluating %s (step %s) on the %s split", path, ckpt.get("step"), split)
     n_batches = min(len(loader), cfg.evaluate.max_batches or len(loader))
-    return Evaluation(path, ckpt, model_cfg, net, ctx, loader, n_batches, Baselines(cfg.data.store, shards),
-                      StratifiedSkill(load_strata(cfg.data.store, shards), shards),
+    store, record = open_matching_store(cfg.data.store, shards)
+    return Evaluation(path, ckpt, model_cfg, net, ctx, loader, n_batches, Baselines(store, record, shards),
+                      StratifiedSkill(load_strata(store, shards), shards),
                       UphillProbe(net, shards.patch_elevation, model_cfg.scan))
 
 

@@ -12,12 +12,12 @@ A stratum without cells has null scores.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xarray as xr
 
-from train.baselines import SOURCES, open_matching_store
+from train.baselines import SOURCES
 from train.metrics import SkillAccumulator, exceedance_threshold
 from train.shards import ShardSet
 from train.terrain import BASIN_DEPTH_M, ROUGHNESS_WINDOW, STRATA, terrain_strata
@@ -28,9 +28,8 @@ DEFINITION = (f"mountain: {ROUGHNESS_WINDOW}x{ROUGHNESS_WINDOW}-cell elevation s
               "points (reconstruction by erosion, Soille 2004); plain: the other loss-mask cells")
 
 
-def load_strata(store: str | Path, shards: ShardSet) -> dict[str, np.ndarray]:
-    """(H, W) masks of STRATA on the loss mask, from the DEM of the store the shard set was written from."""
-    ds, _ = open_matching_store(store, shards)
+def load_strata(ds: xr.Dataset, shards: ShardSet) -> dict[str, np.ndarray]:
+    """(H, W) masks of STRATA on the loss mask, from the DEM of `ds`, the store the shard set was written from."""
     return terrain_strata(ds["elevation"].values, shards.loss_mask)
 
 
