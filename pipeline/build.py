@@ -99,15 +99,20 @@ def change_plan(record: StoreRecord, cfg: PipelineConfig) -> ChangePlan:
 
 
 def _progress_group(path: Path, record: StoreRecord, cfg: PipelineConfig, n_times: int) -> None:
-    """Per-block done flags and moments, and the change-spread frames the block tasks fill in."""
+    """Per-block done flags and moments, and the change-spread frames the block tasks fill in.
+
+    Chunk keys are flat (`3.0.0`, no directory per block): finalise deletes the group, and removing its
+    directories took 4 ms each here (ext4), 0.2 s of a 240-step build with nested keys.
+    """
     n_blocks, n_vars = -(-n_times // cfg.build.time_chunk), len(record.names("dynamic"))
     progress = zarr.open_group(str(path / PROGRESS_GROUP), mode="w", zarr_format=cfg.build.zarr_format)
-    progress.create_array("done", shape=(n_blocks,), chunks=(1,), dtype=bool, fill_value=False)
+    flat = {"chunk_key_encoding": {"name": "v2", "separator": "."}}
+    progress.create_array("done", shape=(n_blocks,), chunks=(1,), dtype=bool, fill_value=False, **flat)
     progress.create_array("moments", shape=(n_blocks, n_vars, N_MOMENTS), chunks=(1, n_vars, N_MOMENTS),
-                          dtype="float64", fill_value=np.nan)
+                          dtype="float64", fill_value=np.nan, **flat)
     shape = change_plan(record, cfg).storage(n_blocks, len(record.targets), record.layout.grid)
     progress.create_array("change_frames", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=np.nan,
-                          compressors=None)  # temporary: uncompressed, a block wrote its frames in 16 ms, not 27
+                          compressors=None, **flat)  # temporary: uncompressed, a block wrote its frames in 16 ms, not 27
 
 
 def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig) -> None:
