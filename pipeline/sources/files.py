@@ -22,9 +22,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import cf_xarray  # noqa: F401 - registers ds.cf
 import h5py

@@ -22,9 +22,9 @@ from pipeline.cluster import slurm_cluster
 from pipeline.config import PipelineConfig, SlurmConfig, load_pipeline_config
 from pipeline.features import OUTPUTS
 from pipeline.scan import scan_orders
+from pipeline.sources import files
 from pipeline.statistics import ChangePlan, block_moments, merge_moments
 from pipeline.store import PROGRESS_GROUP, open_features, partial_path, read_record
-from pipeline.sources import files
 from tests.helpers import source_path, tiny_raw_config, with_source_path, write_config, write_synthetic_source
 from tests.kill import assert_same_tree
 from topoflow.errors import StoreError
@@ -114,7 +114,7 @@ def test_hdf5_fast_path_gives_the_store_xarray_reads(tmp_path, monkeypatch):
     every array (fields, features, statistics) and the record."""
     fast, key = [], files.hdf5_key.__wrapped__  # uncached: every call is counted
 
-    def counted(*args):  # noqa: ANN002, ANN202
+    def counted(*args: object) -> object:
         found = key(*args)
         fast.append(found is not None)
         return found
