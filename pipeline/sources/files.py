@@ -108,11 +108,12 @@ class Catalog:
         """(len(positions), y, x) of one recipe variable of one file at those time positions: through h5py
         where that gives xarray's values (`hdf5_key`), else through xarray (`read_layer`)."""
         path, chosen = self.files[file], self.source.selection(name)
-        found = None if _is_zarr(path) else hdf5_key(path, Path(path).stat().st_mtime_ns, chosen.var,
-                                                      tuple(sorted(chosen.select.items())))
+        mtime = Path(path).stat().st_mtime_ns
+        found = None if _is_zarr(path) else hdf5_key(path, mtime, chosen.var, tuple(sorted(chosen.select.items())))
         if found is None:
             return read_layer(self.dataset(file), self.source, name, positions)
-        dataset, key, axis = found
+        key, axis = found
+        dataset = _hdf5_file(path, mtime)[chosen.var]  # looked up per call: only the file cache holds files open
         return _at_positions(lambda times: dataset[(*key[:axis], times, *key[axis + 1:])], positions)
 
 
@@ -188,8 +189,8 @@ def _decodes_to_itself(var: xr.DataArray) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def hdf5_key(path: str, mtime_ns: int, var: str, select: tuple[tuple[str, object], ...]
-             ) -> tuple[h5py.Dataset, tuple[int | slice, ...], int] | None:
-    """The h5py dataset of `var` in a NetCDF-4 file, the key that gives what `read_layer` gives (the
+             ) -> tuple[tuple[int | slice, ...], int] | None:
+    """The key into the h5py dataset of `var` in a NetCDF-4 file that gives what `read_layer` gives (the
     `select` positions, 0 for other singleton dims, every y and x) and where the time slice goes in it;
     None where only xarray reads it right (decoded values, `expver`, no time dim, dims xarray dropped).
     Cached per process, like the opened files."""
@@ -210,10 +211,9 @@ def hdf5_key(path: str, mtime_ns: int, var: str, select: tuple[tuple[str, object
         else:
             return None  # read_layer names the dims left to select
     kept = [d for d, k in zip(variable.dims, key) if isinstance(k, slice)]
-    dataset = _hdf5_file(path, mtime_ns)[var]
-    if kept[0] != "time" or len(kept) != 3 or dataset.shape != variable.shape:
+    if kept[0] != "time" or len(kept) != 3 or _hdf5_file(path, mtime_ns)[var].shape != variable.shape:
         return None
-    return dataset, tuple(key), variable.dims.index("time")
+    return tuple(key), variable.dims.index("time")
 
 
 @functools.lru_cache(maxsize=64)
