@@ -12,7 +12,7 @@ Packed integers (scale_factor/add_offset) and _FillValue are decoded by xarray w
 Reading a time block (`Catalog.read`): where xarray's decoding would leave the stored values as they
 are (a float variable, not packed, no fill value but NaN) and the file is NetCDF-4, the hyperslab is
 read with h5py directly, skipping the backend's per-call Python overhead (same bytes). Measured on 11
-variables x 24 steps x 128 x 256: a block's `read_block` took 35 ms CPU through xarray/h5netcdf and 23
+variables x 24 steps x 128 x 256: a block's `read_block` took 35 ms CPU through xarray/h5netcdf and 27
 through h5py from an uncompressed file; the 11 reads alone from zlib-compressed files (the new CDS
 format) took 122 vs 110 ms CPU, decompression being most of it. Everything else (packed
 integers, masked fill values, `expver` dims, one time per file, Zarr) goes through xarray.
