@@ -1,12 +1,19 @@
-"""Feature build throughput vs a plain xarray copy, and vectorised scan orders vs a per-region loop.
+"""Feature build throughput vs a plain xarray copy, its speed-up with Dask workers, and vectorised scan
+orders vs a per-region loop.
 
 Side by side in one run on the reference grid (128x256 at 0.25 deg, patch 2 -> 64x128 = 8192 tokens,
 32x32 regions; 11 dynamic + 2 static + 2 coordinate inputs), with a synthetic hourly source written
 inside the script:
 - build: `build_features` (source checks, template, every feature, statistics, change spread,
   finalise) against `xarray.open_dataset(source)[dynamic variables].to_zarr(...)` with the same time
-  chunks and compressor, both on the same running Dask LocalCluster (startup excluded from both).
-  Goal: build time <= 1.3x copy time.
+  chunks and compressor, both on the same running Dask LocalCluster (startup excluded from both, and
+  deleting the previous output too: each run writes into a fresh path). Goal: build time <= 1.3x copy time.
+- workers: the same build on LocalClusters of 1 process x 1 thread, 2 processes x 1 thread and 1 process
+  x 2 threads (all started before the first run, runs interleaved). Goal: 2 processes >= 1.7x faster
+  than 1. Threads share one process's HDF5 lock and GIL, so they are expected to gain less.
+- weak scaling: 1, 2 and 4 worker processes on 1x, 2x and 4x `--weak-steps` steps (120/240/480 by
+  default); efficiency = time(1 process) / time(N processes), 1.0 is perfect. With more processes than
+  cores (this machine has 2) the table shows the cost of oversubscription, not scaling.
 - store size: the schema-3 store against the same data in the schema-2 layout (static and coordinate
   layers broadcast over time in `fields`), written with the same codec.
 - scan: `scan_orders` per time block (as inside the build) against a straightforward loop
@@ -14,12 +21,15 @@ inside the script:
 Runs are interleaved (copy, build, copy, build, ...) and medians reported; writes
 benchmarks/results/pipeline.json.
 
-Usage: .venv/bin/python -m benchmarks.pipeline [--steps 480] [--repeats 3] [--workdir DIR]
+Usage: .venv/bin/python -m benchmarks.pipeline [--steps 480] [--repeats 3] [--weak-steps 120] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import os
 import shutil
 import statistics
 import tempfile
@@ -28,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from distributed import Client
 
 from benchmarks import save_result
 from pipeline.build import build_features
@@ -39,11 +50,13 @@ from tests.helpers import REPO, tiny_raw_config, write_config, write_synthetic_s
 from topoflow.config import add_override_argument, read_yaml
 
 
-def bench_config(workdir: Path, steps: int, overrides: list[str]) -> PipelineConfig:
+def bench_config(workdir: Path, steps: int, overrides: list[str], name: str = "features") -> PipelineConfig:
     """The reference grid of configs/topoflow_china.yaml (128x256, patch 2, 32x32 regions, its build
-    settings) over `steps` hours, reading one prepared file in workdir (the tests' prepared-file recipe)."""
+    settings) over the first `steps` hours, reading one prepared file in workdir (the tests' prepared-file
+    recipe), building workdir/NAME.zarr."""
     china = read_yaml(REPO / "configs" / "topoflow_china.yaml")
     raw = tiny_raw_config(workdir)
+    raw["data"]["store"] = str(workdir / f"{name}.zarr")
     start = np.datetime64("2016-01-01T00:00")
     at = lambda h: str(start + np.timedelta64(int(h), "h"))  # noqa: E731
     cut = steps * 2 // 3
@@ -51,7 +64,7 @@ def bench_config(workdir: Path, steps: int, overrides: list[str]) -> PipelineCon
                        leads_h=china["data"]["leads_h"], splits={"train": {"start": at(0), "end": at(cut - 1)},
                                                                  "val": {"start": at(cut), "end": at(steps - 1)}})
     raw["build"], raw["shard"] = china["build"], china["shard"]
-    return load_pipeline_config(write_config(raw, workdir / "bench.yaml"), overrides)
+    return load_pipeline_config(write_config(raw, workdir / f"{name}.yaml"), overrides)
 
 
 def dynamic_sources(cfg: PipelineConfig) -> list[str]:
@@ -61,8 +74,9 @@ def dynamic_sources(cfg: PipelineConfig) -> list[str]:
 
 def plain_copy(cfg: PipelineConfig, target: Path) -> None:
     """The I/O reference: the same dynamic variables, time chunks and compressor, no features."""
+    times = cfg.data.times()
     with xr.open_dataset(cfg.data.sources[0].files, chunks={"time": cfg.build.time_chunk}) as src:
-        dyn = src[dynamic_sources(cfg)]
+        dyn = src[dynamic_sources(cfg)].sel(time=slice(times[0], times[-1]))
         dyn.to_zarr(target, mode="w", encoding=encodings(dyn, cfg.build), zarr_format=cfg.build.zarr_format,
                     consolidated=False)
 
@@ -128,17 +142,32 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:  # noqa: ANN001
     return statistics.median(times), times
 
 
+def warmed(client: Client) -> Client:
+    """`client` with the build's modules imported on every worker: a worker's first task would otherwise
+    pay the imports (seconds), inside the first timed run."""
+    client.run(importlib.import_module, "pipeline.build")
+    return client
+
+
+def timed_build(cfg: PipelineConfig, client: Client) -> float:
+    """Seconds of one build from scratch on `client`'s cluster (deleting the previous store is not timed)."""
+    shutil.rmtree(cfg.data.store, ignore_errors=True)
+    t0 = time.perf_counter()
+    build_features(cfg, scheduler=client.scheduler.address, progress=False)
+    return time.perf_counter() - t0
+
+
 def time_build_and_copy(cfg: PipelineConfig, workdir: Path, repeats: int) -> dict:
     """Interleaved copy/build runs on one running cluster; medians, sizes and the worker count."""
     copy_times, build_times = [], []
     with dask_client(cfg.build) as client:  # the build's own cluster settings, started once for both
+        warmed(client)
         for r in range(repeats):
+            shutil.rmtree(workdir / "copy.zarr", ignore_errors=True)
             t0 = time.perf_counter()
             plain_copy(cfg, workdir / "copy.zarr")
             copy_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            build_features(cfg, scheduler=client.scheduler.address, overwrite=True, progress=False)
-            build_times.append(time.perf_counter() - t0)
+            build_times.append(timed_build(cfg, client))
             print(f"repeat {r}: copy {copy_times[-1]:.2f} s, build {build_times[-1]:.2f} s")
         workers = len(client.scheduler_info()["workers"])
     copy_s, build_s = statistics.median(copy_times), statistics.median(build_times)
@@ -148,6 +177,46 @@ def time_build_and_copy(cfg: PipelineConfig, workdir: Path, repeats: int) -> dic
             "build_over_copy": build_s / copy_s, "build_goal_max_ratio": 1.3,
             "store_mb": round(folder_mb(Path(cfg.data.store)), 1), "plain_copy_mb": round(folder_mb(workdir / "copy.zarr"), 1),
             "schema2_layout_mb": round(schema2_fields_mb(cfg, workdir), 1)}
+
+
+def interleaved_builds(runs: dict[str, tuple[PipelineConfig, int, int]], repeats: int) -> dict[str, list[float]]:
+    """Build times per named run (config, worker processes, threads each), every cluster started before the
+    first run and the runs interleaved, so a slow spell of a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with contextlib.ExitStack() as stack:
+        clients = {name: warmed(stack.enter_context(dask_client(cfg.build.model_copy(
+            update={"n_workers": processes, "threads_per_worker": threads, "processes": True}))))
+            for name, (cfg, processes, threads) in runs.items()}
+        for r in range(repeats):
+            for name, (cfg, _, _) in runs.items():
+                times[name].append(timed_build(cfg, clients[name]))
+            print(f"repeat {r}: " + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()))
+    return times
+
+
+def time_workers(cfg: PipelineConfig, repeats: int) -> dict:
+    """Speed-up of the build with 2 worker processes, and with 2 threads in one process, over 1 x 1."""
+    layouts = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2)}  # processes x threads
+    times = interleaved_builds({name: (cfg, p, t) for name, (p, t) in layouts.items()}, repeats)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {"workers_s": times, "speedup_2_processes": median["1x1"] / median["2x1"],
+            "speedup_2_processes_goal_min": 1.7, "speedup_2_threads": median["1x1"] / median["1x2"]}
+
+
+def time_weak_scaling(workdir: Path, steps_per_process: int, overrides: list[str], repeats: int) -> dict:
+    """1, 2 and 4 worker processes on proportionally longer periods of the same source file."""
+    counts = (1, 2, 4)
+    runs = {f"{n}p": (bench_config(workdir, n * steps_per_process, overrides, f"weak{n}"), n, 1) for n in counts}
+    times = interleaved_builds(runs, repeats)
+    base = statistics.median(times["1p"])
+    rows = [{"processes": n, "steps": n * steps_per_process, "build_s": statistics.median(times[f"{n}p"]),
+             "efficiency": base / statistics.median(times[f"{n}p"])} for n in counts]
+    for n in counts:
+        shutil.rmtree(runs[f"{n}p"][0].data.store, ignore_errors=True)
+    cores = len(os.sched_getaffinity(0))
+    return {"weak_scaling": rows, "weak_scaling_s": times, "cores": cores,
+            "weak_scaling_note": f"this machine has {cores} cores: rows with more processes than cores show "
+                                 "oversubscription (processes share cores), not scaling"}
 
 
 def time_scan(cfg: PipelineConfig, src: xr.Dataset, repeats: int, loop_steps: int) -> dict:
@@ -166,11 +235,28 @@ def time_scan(cfg: PipelineConfig, src: xr.Dataset, repeats: int, loop_steps: in
             "scan_vectorised_s": vec_times, "scan_loop_s": loop_times}
 
 
+def report(result: dict) -> None:
+    """The summary lines (the JSON holds every run)."""
+    print(f"build {result['build_steps_per_s']:.1f} steps/s vs plain copy {result['copy_steps_per_s']:.1f} steps/s: "
+          f"build/copy = {result['build_over_copy']:.2f}x (goal <= 1.3x)")
+    print(f"store {result['store_mb']:.1f} MiB (schema-2 layout of the same data {result['schema2_layout_mb']:.1f} MiB, "
+          f"plain copy {result['plain_copy_mb']:.1f} MiB)")
+    print(f"workers: 2 processes {result['speedup_2_processes']:.2f}x faster than 1 (goal >= 1.7x), "
+          f"2 threads in one process {result['speedup_2_threads']:.2f}x")
+    print(f"weak scaling ({result['weak_scaling_note']}):\n  processes  steps  build s  efficiency")
+    for row in result["weak_scaling"]:
+        print(f"  {row['processes']:9d}  {row['steps']:5d}  {row['build_s']:7.2f}  {row['efficiency']:10.2f}")
+    print(f"scan orders {result['scan_vectorised_ms_per_step']:.3f} ms/step vectorised vs "
+          f"{result['scan_loop_ms_per_step']:.1f} ms/step loop: {result['scan_speedup']:.0f}x (goal >= 100x), "
+          f"identical: {result['scan_orders_agree']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=480, help="hourly time steps of the synthetic source (480: the "
-                        "20 days issue 15 measured)")
+    parser.add_argument("--steps", type=int, default=480, help="hourly time steps of the build-vs-copy and workers "
+                        "runs (480: the 20 days issue 15 measured)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weak-steps", type=int, default=120, help="steps per worker process in the weak-scaling runs")
     parser.add_argument("--loop-steps", type=int, default=8, help="steps timed with the per-region loop")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     add_override_argument(parser, "build.n_workers=2")
@@ -178,22 +264,20 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = bench_config(workdir, args.steps, args.overrides)
-    print(f"writing a synthetic {args.steps}x{cfg.data.domain.n_lat}x{cfg.data.domain.n_lon} source in {workdir} ...")
-    src = write_synthetic_source(cfg)
+    longest = bench_config(workdir, max(args.steps, 4 * args.weak_steps), args.overrides, "longest")
+    print(f"writing a synthetic {len(longest.data.times())}x{cfg.data.domain.n_lat}x{cfg.data.domain.n_lon} source "
+          f"in {workdir} ...")
+    src = write_synthetic_source(longest).isel(time=slice(0, args.steps))
     result = {"grid": list(cfg.data.layout.grid), "tokens": cfg.data.layout.n_tokens, "regions": list(cfg.data.regions),
               "dynamic_variables": len(cfg.data.dynamic_names), "steps": args.steps,
               "time_chunk": cfg.build.time_chunk,
               "source_mb": round(Path(cfg.data.sources[0].files).stat().st_size / 2**20, 1),
               "repeats": args.repeats, **time_build_and_copy(cfg, workdir, args.repeats),
+              **time_workers(cfg, args.repeats),
+              **time_weak_scaling(workdir, args.weak_steps, args.overrides, args.repeats),
               **time_scan(cfg, src, args.repeats, args.loop_steps)}
     save_result("pipeline", result)
-    print(f"build {result['build_steps_per_s']:.1f} steps/s vs plain copy {result['copy_steps_per_s']:.1f} steps/s: "
-          f"build/copy = {result['build_over_copy']:.2f}x (goal <= 1.3x)")
-    print(f"store {result['store_mb']:.1f} MiB (schema-2 layout of the same data {result['schema2_layout_mb']:.1f} MiB, "
-          f"plain copy {result['plain_copy_mb']:.1f} MiB)")
-    print(f"scan orders {result['scan_vectorised_ms_per_step']:.3f} ms/step vectorised vs "
-          f"{result['scan_loop_ms_per_step']:.1f} ms/step loop: {result['scan_speedup']:.0f}x (goal >= 100x), "
-          f"identical: {result['scan_orders_agree']}")
+    report(result)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 

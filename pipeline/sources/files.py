@@ -8,6 +8,14 @@ Normalised here (each has a test in tests/pipeline/test_sources.py):
   (lowest expver, 0001) wins over ERA5T (0005) and the log says so, anything else is an error naming
   both files.
 Packed integers (scale_factor/add_offset) and _FillValue are decoded by xarray when reading.
+
+Reading a time block (`Catalog.read`): where xarray's decoding would leave the stored values as they
+are (a float variable, not packed, no fill value but NaN) and the file is NetCDF-4, the hyperslab is
+read with h5py directly, skipping the backend's per-call Python overhead (same bytes). Measured on 11
+variables x 24 steps x 128 x 256: a block's `read_block` took 35 ms CPU through xarray/h5netcdf and 27
+through h5py from an uncompressed file; the 11 reads alone from zlib-compressed files (the new CDS
+format) took 122 vs 110 ms CPU, decompression being most of it. Everything else (packed
+integers, masked fill values, `expver` dims, one time per file, Zarr) goes through xarray.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import cf_xarray  # noqa: F401 - registers ds.cf
+import h5py
 import numpy as np
 import xarray as xr
 
@@ -26,13 +36,18 @@ from pipeline.recipe import SourceSpec
 from topoflow.errors import SourceError
 
 log = logging.getLogger("pipeline")
+DECODING = ("scale_factor", "add_offset", "missing_value", "_Unsigned")  # encodings that change stored values
+
+
+def _is_zarr(path: str) -> bool:
+    return Path(path).is_dir() or path.endswith(".zarr")
 
 
 @functools.lru_cache(maxsize=64)
 def _open(path: str, mtime_ns: int) -> xr.Dataset:
     """A file or Zarr store, opened lazily without dask (blocks index it directly); cached per process."""
     try:
-        if Path(path).is_dir() or path.endswith(".zarr"):
+        if _is_zarr(path):
             ds = xr.open_zarr(path, chunks=None)
         else:
             ds = xr.open_dataset(path, engine="h5netcdf", chunks=None)
@@ -89,6 +104,18 @@ class Catalog:
     def dataset(self, file: int) -> xr.Dataset:
         return open_file(self.files[file])
 
+    def read(self, file: int, name: str, positions: np.ndarray) -> np.ndarray:
+        """(len(positions), y, x) of one recipe variable of one file at those time positions: through h5py
+        where that gives xarray's values (`hdf5_key`), else through xarray (`read_layer`)."""
+        path, chosen = self.files[file], self.source.selection(name)
+        mtime = Path(path).stat().st_mtime_ns
+        found = None if _is_zarr(path) else hdf5_key(path, mtime, chosen.var, tuple(sorted(chosen.select.items())))
+        if found is None:
+            return read_layer(self.dataset(file), self.source, name, positions)
+        key, axis = found
+        dataset = _hdf5_file(path, mtime)[chosen.var]  # looked up per call: only the file cache holds files open
+        return _at_positions(lambda times: dataset[(*key[:axis], times, *key[axis + 1:])], positions)
+
 
 def _check_file(ds: xr.Dataset, path: str, source: SourceSpec, grid: tuple[np.ndarray, np.ndarray] | None) -> None:
     """Every recipe variable is in the file, with its selections, on the first file's grid."""
@@ -144,6 +171,57 @@ def _merge_releases(data: xr.DataArray) -> np.ndarray:
     return merged
 
 
+def _at_positions(read: Callable[[slice], np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """The time positions `positions` of a variable whose `read(slice)` gives (times, y, x): one contiguous slab."""
+    first, last = int(positions.min()), int(positions.max())
+    slab = read(slice(first, last + 1))
+    return slab if len(positions) == last - first + 1 and (np.diff(positions) == 1).all() else slab[positions - first]
+
+
+def _decodes_to_itself(var: xr.DataArray) -> bool:
+    """xarray's CF decoding returns this variable's stored values unchanged: stored and read as the same
+    float dtype, not packed, and a fill value (if any) that is NaN, so masking it changes nothing."""
+    encoding = var.encoding
+    fill = encoding.get("_FillValue")
+    return (var.dtype.kind == "f" and np.dtype(encoding.get("dtype", var.dtype)) == var.dtype
+            and not any(k in encoding for k in DECODING) and (fill is None or bool(np.isnan(fill))))
+
+
+@functools.lru_cache(maxsize=1024)
+def hdf5_key(path: str, mtime_ns: int, var: str, select: tuple[tuple[str, object], ...]
+             ) -> tuple[tuple[int | slice, ...], int] | None:
+    """The key into the h5py dataset of `var` in a NetCDF-4 file that gives what `read_layer` gives (the
+    `select` positions, 0 for other singleton dims, every y and x) and where the time slice goes in it;
+    None where only xarray reads it right (decoded values, `expver`, no time dim, dims xarray dropped).
+    Cached per process, like the opened files."""
+    variable, chosen = open_file(path)[var], dict(select)
+    if not _decodes_to_itself(variable) or "expver" in variable.dims or "time" not in variable.dims:
+        return None
+    key: list[int | slice] = []
+    for axis, dim in enumerate(variable.dims):
+        if dim in chosen:
+            found = variable.indexes[dim].get_loc(chosen[dim]) if dim in variable.indexes else None
+            if not isinstance(found, (int, np.integer)):
+                return None
+            key.append(found)
+        elif dim == "time" or axis >= variable.ndim - 2:
+            key.append(slice(None))
+        elif variable.sizes[dim] == 1:
+            key.append(0)
+        else:
+            return None  # read_layer names the dims left to select
+    kept = [d for d, k in zip(variable.dims, key) if isinstance(k, slice)]
+    if kept[0] != "time" or len(kept) != 3 or _hdf5_file(path, mtime_ns)[var].shape != variable.shape:
+        return None
+    return tuple(key), variable.dims.index("time")
+
+
+@functools.lru_cache(maxsize=64)
+def _hdf5_file(path: str, mtime_ns: int) -> h5py.File:
+    """A NetCDF-4 file opened read-only with h5py; cached per process, like `_open`."""
+    return h5py.File(path, "r")
+
+
 def read_layer(ds: xr.Dataset, source: SourceSpec, name: str, positions: np.ndarray | None) -> np.ndarray:
     """One recipe variable of one file: (len(positions), y, x) at those time positions, or (y, x) for a
     static source (positions None). Selections applied, each file read as one contiguous slab."""
@@ -158,9 +236,7 @@ def read_layer(ds: xr.Dataset, source: SourceSpec, name: str, positions: np.ndar
         return _merge_releases(data.isel(time=0) if "time" in data.dims else data)
     if "time" not in data.dims:  # one time per file (filename_time)
         return np.repeat(_merge_releases(data)[None], len(positions), axis=0)
-    first, last = int(positions.min()), int(positions.max())
-    slab = _merge_releases(data.isel(time=slice(first, last + 1)))
-    return slab if len(positions) == last - first + 1 and (np.diff(positions) == 1).all() else slab[positions - first]
+    return _at_positions(lambda times: _merge_releases(data.isel(time=times)), positions)
 
 
 def _same_data(source: SourceSpec, a: tuple[xr.Dataset, int], b: tuple[xr.Dataset, int]) -> bool:

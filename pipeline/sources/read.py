@@ -60,12 +60,11 @@ def _read_positions(catalog: Catalog, name: str, positions: np.ndarray) -> np.nd
     """(len(positions), y, x) of one variable at source time indices `positions`, grouped by file."""
     files = catalog.file_of[positions]
     if (files == files[0]).all():  # the usual case: one file holds the whole block, no assembly copy
-        return read_layer(catalog.dataset(int(files[0])), catalog.source, name, catalog.index_in_file[positions])
+        return catalog.read(int(files[0]), name, catalog.index_in_file[positions])
     parts = []
     for f in np.unique(files):
         mine = positions[files == f]
-        parts.append((np.flatnonzero(files == f), read_layer(catalog.dataset(int(f)), catalog.source, name,
-                                                             catalog.index_in_file[mine])))
+        parts.append((np.flatnonzero(files == f), catalog.read(int(f), name, catalog.index_in_file[mine])))
     out = np.empty((len(positions), *parts[0][1].shape[1:]), dtype=np.float32)
     for where, values in parts:
         out[where] = values

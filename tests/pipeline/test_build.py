@@ -22,9 +22,11 @@ from pipeline.cluster import slurm_cluster
 from pipeline.config import PipelineConfig, SlurmConfig, load_pipeline_config
 from pipeline.features import OUTPUTS
 from pipeline.scan import scan_orders
+from pipeline.sources import files
 from pipeline.statistics import ChangePlan, block_moments, merge_moments
 from pipeline.store import PROGRESS_GROUP, open_features, partial_path, read_record
 from tests.helpers import source_path, tiny_raw_config, with_source_path, write_config, write_synthetic_source
+from tests.kill import assert_same_tree
 from topoflow.errors import StoreError
 
 
@@ -105,6 +107,27 @@ def test_fields_statics_and_mask_are_the_source_with_latitude_ascending(built):
         np.testing.assert_array_equal(got, src[names[spec.name].var].values.astype(np.float32), err_msg=spec.name)
     np.testing.assert_array_equal(ds["elevation"].values, src["orography"].values)
     np.testing.assert_array_equal(ds["loss_mask"].values, src["lsm"].values >= 0.5)
+
+
+def test_hdf5_fast_path_gives_the_store_xarray_reads(tmp_path, monkeypatch):
+    """Blocks read straight from HDF5 (`Catalog.read`) build the same bytes as blocks read through xarray:
+    every array (fields, features, statistics) and the record."""
+    fast, key = [], files.hdf5_key.__wrapped__  # uncached: every call is counted
+
+    def counted(*args: object) -> object:
+        found = key(*args)
+        fast.append(found is not None)
+        return found
+
+    monkeypatch.setattr(files, "hdf5_key", counted)
+    cfg = in_process(tmp_path)
+    build_features(cfg, progress=False)
+    assert fast and all(fast)  # every dynamic read took the fast path
+    monkeypatch.setattr(files, "hdf5_key", lambda *args: None)  # every read through xarray
+    slow = cfg.model_copy(deep=True)
+    slow.data.store = tmp_path / "xarray.zarr"
+    build_features(slow, progress=False)
+    assert_same_tree(Path(slow.data.store), Path(cfg.data.store))
 
 
 def test_patch_fields_against_numpy(built):
