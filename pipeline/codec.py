@@ -138,34 +138,35 @@ class ShardFrames:
                       targets=tuple(self._target(position + s) for s in self.fmt.lead_steps))
 
     def _target(self, position: int) -> TargetFields | None:
+        """The targets held by frame `position`: only its fields member is decoded."""
         if position not in self.frames:  # past the split's end (the writer holds every target inside it)
             return None
         if position in self.inputs:
-            return TargetFields(self.decode(position)["input.npy"], self.fmt.target_index)
-        fields = self.decode(position)["target.npy"]
+            return TargetFields(self._member(position, "input.npy"), self.fmt.target_index)
+        fields = self._member(position, "target.npy")
         return TargetFields(fields, tuple(range(len(fields))))
 
     def decode(self, position: int) -> dict[str, Any]:
-        """Decode one frame; a foreign member, a pickled array or a wrong shape is a ShardSetError naming the
-        frame and its shard."""
-        raw = self.frames[position]
-        where = f"frame {frame_key(self.split, position)} ({self.where})"
+        """Decode one frame whole; a foreign member, a pickled array or a wrong shape is a ShardSetError naming
+        the frame and its shard."""
         allowed = FRAME_MEMBERS["input" if position in self.inputs else "target"]
-        unknown = sorted(set(raw) - set(allowed))
+        unknown = sorted(set(self.frames[position]) - set(allowed))
         if unknown:
-            raise ShardSetError(f"{where} holds member(s) {unknown}; only {list(allowed)} are accepted (pickle-"
-                                f"based members are never decoded): {_FIX}")
-        out = {name: _decode_member(raw, name, where) for name in allowed}
-        for name, value in out.items():
-            if name in self.fmt.shapes and value.shape != self.fmt.shapes[name]:
-                raise ShardSetError(f"{where}: {name} has shape {value.shape}, the manifest implies "
-                                    f"{self.fmt.shapes[name]}: {_FIX}")
-        return out
+            raise ShardSetError(f"{self._where(position)} holds member(s) {unknown}; only {list(allowed)} are "
+                                f"accepted (pickle-based members are never decoded): {_FIX}")
+        return {name: self._member(position, name) for name in allowed}
 
+    def _member(self, position: int, name: str) -> Any:
+        try:
+            raw = self.frames[position][name]
+            value = json.loads(bytes(raw)) if name.endswith(".json") else decode_npy(raw)
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise ShardSetError(f"{self._where(position)}: member {name} cannot be decoded safely "
+                                f"({type(exc).__name__}: {exc}); {_FIX}") from None
+        if name in self.fmt.shapes and value.shape != self.fmt.shapes[name]:
+            raise ShardSetError(f"{self._where(position)}: {name} has shape {value.shape}, the manifest implies "
+                                f"{self.fmt.shapes[name]}: {_FIX}")
+        return value
 
-def _decode_member(raw: Mapping[str, Any], name: str, where: str) -> Any:
-    try:
-        return json.loads(bytes(raw[name])) if name.endswith(".json") else decode_npy(raw[name])
-    except (ValueError, KeyError, UnicodeDecodeError) as exc:
-        raise ShardSetError(f"{where}: member {name} cannot be decoded safely ({type(exc).__name__}: {exc}); "
-                            f"{_FIX}") from None
+    def _where(self, position: int) -> str:
+        return f"frame {frame_key(self.split, position)} ({self.where})"
