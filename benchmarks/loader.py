@@ -110,7 +110,8 @@ def config_bytes(name: str) -> dict[str, Any]:
     cfg = load_pipeline_config(REPO / "configs" / f"{name}.yaml")
     record = record_of(cfg)
     train = cfg.data.splits["train"]
-    n = len(np.arange(np.datetime64(train.start), np.datetime64(train.end) + 1, np.timedelta64(cfg.data.step_hours, "h")))
+    step = np.timedelta64(cfg.data.step_hours, "h")
+    n = len(np.arange(np.datetime64(train.start), np.datetime64(train.end) + 1, step))
     sizes = frame_bytes(record, "train", np.datetime64(train.start))
     spans = cut_shards(range(n), lead_steps(record.leads_h, record.step_hours), n, cfg.shard.max_count,
                        cfg.shard.max_size, sizes)
@@ -171,7 +172,8 @@ def shuffle_quality(shards: Path, manifest: ManifestRecord, epochs: int) -> dict
         perm = np.random.default_rng(seed_of(0, epoch)).permutation(samples)[: len(order) * BATCH].tolist()
         iid.append(lag1([perm[i: i + BATCH] for i in range(0, len(perm), BATCH)]))
     return {"v2_loader": mean_std(measured), "v2_computed_equals_loader": matches, "iid": mean_std(iid),
-            "computed_by_shuffle_buffer": {b: {k: mean_std(v) for k, v in rows.items()} for b, rows in computed.items()},
+            "computed_by_shuffle_buffer": {b: {k: mean_std(v) for k, v in rows.items()}
+                                           for b, rows in computed.items()},
             "epochs": epochs, "batches_per_epoch": len(loader), "batch_size": BATCH, "loader_shuffle_buffer": BUFFER,
             "v2_samples_per_shard": manifest.plan.max_count, "v1_samples_per_shard": V1_DEMO_MAX_COUNT}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -108,6 +109,12 @@ def _frame(split: str, position: int, time: np.datetime64, row: np.ndarray, per_
     return {"__key__": key, "target.npy": row[record.target_index], "meta.json": meta}
 
 
+def _frame_at(split: str, times: np.ndarray, rows: _Rows, record: StoreRecord, inputs: frozenset[int],
+              position: int) -> dict[str, Any]:
+    """The frame of split position `position` of a shard whose samples are `inputs`, from the rolling rows."""
+    return _frame(split, position, times[position], *rows.row(position), record, position in inputs)
+
+
 def frame_bytes(record: StoreRecord, split: str, time: np.datetime64) -> FrameBytes:
     """Tar bytes of an input and of a target-only frame, from frames of the right shapes and dtypes
     (every frame of a kind has the same size), so shards can be cut to `max_size` before writing."""
@@ -181,15 +188,9 @@ def _write_split(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, split
         rows = _Rows(ds, store_index, cfg.build.time_chunk, pool)
         for number in range(len(out.shards), len(spans)):
             span = spans[number]
-            inputs = set(run_positions(span.samples))
             next_first = spans[number + 1].frames[0][0] if number + 1 < len(spans) else len(times)
-
-            def frame_at(p: int) -> dict[str, Any]:
-                return _frame(split, p, times[p], *rows.row(p), record, p in inputs)  # noqa: B023
-
-            def release(p: int) -> None:
-                rows.release_before(min(p, next_first))  # noqa: B023
-
+            frame_at = functools.partial(_frame_at, split, times, rows, record, frozenset(run_positions(span.samples)))
+            release = lambda p, keep=next_first: rows.release_before(min(p, keep))  # noqa: E731
             out.shards.append(_write_shard(root, shard_name(split, number), span, frame_at, release))
             save()
             bar.update(span.count)

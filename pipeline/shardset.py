@@ -1,4 +1,5 @@
-"""A shard set on disk: the manifest, shard verification, full validation and a printable summary.
+"""A shard set on disk: the manifest, shard verification, a shard's frames and their checks, full
+validation and a printable summary.
 
 The writer (`pipeline.shard`), the loader (`train.loader`) and `python -m pipeline inspect` all check
 shards here, so "is this shard what the manifest says" has one answer.
@@ -94,7 +95,7 @@ def shard_problem(path: Path, entry: ShardEntry, data: bytes | None = None) -> S
 
 def parse_frames(data: bytes, split: str) -> tuple[Frames, list[str]]:
     """A shard's members grouped by frame (split position -> member -> a view of `data`), plus the member
-    names that are not `{split}_{position:08d}.{member}` regular files.
+    names that are not `{split}_{position:08d}.{member}` regular files or repeat one.
 
     One in-memory pass with tarfile: the loader reads a shard whole (it is small), and views avoid a
     copy per member.
@@ -103,7 +104,8 @@ def parse_frames(data: bytes, split: str) -> tuple[Frames, list[str]]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for info in tar:
             match = _MEMBER_RE.match(info.name)
-            if not info.isreg() or match is None or match["split"] != split:
+            if not info.isreg() or match is None or match["split"] != split or \
+                    match["member"] in frames.get(int(match["index"]), {}):  # foreign, or a second copy
                 strange.append(info.name)
                 continue
             if info.offset_data + info.size > len(data):
@@ -128,7 +130,8 @@ def frame_problems(frames: Frames, strange: list[str], span: ShardSpan, split: s
                 "accepted (pickle-based members are never decoded)", altered=True))
     listed = run_positions(span.frames)
     if sorted(frames) != listed:
-        problems.append(ShardProblem(f"{name}: holds frames {to_runs(sorted(frames))}, the manifest lists {span.frames}"))
+        problems.append(ShardProblem(f"{name}: holds frames {to_runs(sorted(frames))}, the manifest lists "
+                                     f"{span.frames}"))
     wrong = [p for p in listed if p in frames and set(frames[p]) & allowed !=
              set(FRAME_MEMBERS["input" if p in inputs else "target"])]
     if wrong:

@@ -186,7 +186,8 @@ class StoreSamples:
         self.tvars = [list(ds["var"].values).index(t) for t in targets]
         self.leads = [np.timedelta64(h, "h") for h in leads_h]
         self._position = {t: p for p, t in enumerate(self.times)}
-        self.per_time = {name: ds[name].values[self.index] for name in ("scan_order", "scan_order_global", "wind_speed")}
+        self.per_time = {name: ds[name].values[self.index]
+                         for name in ("scan_order", "scan_order_global", "wind_speed")}
 
     def target_positions(self, p: int) -> list[int | None]:
         return [self._position.get(self.times[p] + lead) for lead in self.leads]

@@ -219,7 +219,8 @@ def test_cut_shards_keeps_every_sample_once_within_the_limits(valid: list[bool],
     want = [p for p in range(n) if valid[p] and all(valid[p + s] for s in steps if p + s < n)]
     assert np.flatnonzero(is_sample).tolist() == want
     assert (reasons[INPUT_MISSING] | reasons[TARGET_MISSING] | is_sample).all()
-    assert not (reasons[INPUT_MISSING] & reasons[TARGET_MISSING]).any() and not (reasons[TARGET_MISSING] & is_sample).any()
+    assert not (reasons[INPUT_MISSING] & reasons[TARGET_MISSING]).any()
+    assert not (reasons[TARGET_MISSING] & is_sample).any()
     frame_sizes = FrameBytes(input=max(sizes), target=min(sizes))
     spans = cut_shards(want, steps, n, max_count, max_size, frame_sizes)
     assert [p for span in spans for p in run_positions(span.samples)] == want
