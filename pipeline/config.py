@@ -277,7 +277,8 @@ class BuildConfig(Strict):
 class ShardConfig(Strict):
     """How `python -m pipeline shard` cuts the store into WebDataset tar files."""
 
-    max_count: int = Field(default=256, gt=0, description="samples per shard at most")
+    max_count: int = Field(default=256, gt=0, description="samples per shard at most; each shard also holds the "
+                           "target-only frames of its longest lead, so larger shards cost fewer bytes per step")
     max_size: int = Field(default=1 << 30, gt=0, description="bytes per shard at most")
 
 

@@ -19,6 +19,7 @@ from topoflow.errors import TopoFlowError
 from topoflow.layout import PatchLayout
 
 SCHEMA_VERSION = 3
+SHARD_VERSION = 2  # 1: one tar entry per sample with its targets copied in; 2: frames, samples assembled by the loader
 Record = TypeVar("Record", bound=BaseModel)
 BuildState = Literal["building", "complete"]
 # facts a config determines, compared by `mismatch`; a checkpoint cares only about the model-shaping ones
@@ -173,19 +174,42 @@ def _variable_changes(stored: list[dict[str, str]], wanted: list[dict[str, str]]
     return described or f"order stored {list(before)}, config {list(after)}"
 
 
-class ShardEntry(Strict):
-    """One finished shard: file name, samples, bytes, sha256 and the split positions [start, stop) it covers."""
+Runs = list[tuple[int, int]]  # sorted, disjoint [start, stop) runs of split positions
+
+
+def run_positions(runs: Runs) -> list[int]:
+    """The split positions a list of [start, stop) runs covers, in order."""
+    return [p for start, stop in runs for p in range(start, stop)]
+
+
+class ShardSpan(Strict):
+    """What one shard holds (DESIGN.md "Shards", shard version 2): its samples (input times, as split
+    positions) and its frames (the samples' input frames plus the target-only frames of t + lead that
+    lie inside the split), both as [start, stop) runs. A frame that is a sample is an input frame."""
+
+    samples: Runs
+    frames: Runs
+
+    @property
+    def count(self) -> int:
+        return sum(stop - start for start, stop in self.samples)
+
+    @property
+    def stop(self) -> int:
+        """One past the last sample: a rerun decides the positions from here on again."""
+        return self.samples[-1][1] if self.samples else 0
+
+
+class ShardEntry(ShardSpan):
+    """One finished shard: its span, file name, bytes and sha256."""
 
     name: str
-    count: int
     bytes: int
     sha256: str
-    start: int
-    stop: int
 
 
 class SplitRecord(Strict):
-    """One split of a shard set: its shards, and the input times skipped, by reason."""
+    """One split of a shard set: its input times, the ones skipped by reason, and its shards."""
 
     n_times: int = 0
     complete: bool = False
@@ -228,13 +252,19 @@ class ShardPlan(Strict):
 
 
 class ManifestRecord(Strict):
-    """manifest.json (DESIGN.md "Shards"): the store's record, copied, plus the shards written from it."""
+    """manifest.json (DESIGN.md "Shards"): the store's record, copied, plus the shards written from it.
+
+    `lead_steps` (each lead in store steps) and `frame_members` (the members of an `input` and of a
+    `target` frame) are written here once, so the loader assembles samples from what the writer did,
+    never from a re-derivation."""
 
     schema_version: Literal[3] = SCHEMA_VERSION
+    shard_version: Literal[2] = SHARD_VERSION
     store_path: str
     store: StoreRecord
     plan: ShardPlan
-    members: list[str]
+    lead_steps: list[int]
+    frame_members: dict[str, list[str]]
     statistics: Statistics
     static: dict[str, StaticEntry]
     splits: dict[str, SplitRecord]

@@ -1,26 +1,33 @@
 """`python -m pipeline shard`: features.zarr -> `{split}-NNNNNN.tar` WebDataset shards + manifest.json.
 
 Why shards: training streams large sequential reads from a parallel file system instead of random
-Zarr chunk reads. One sample per input time t whose input is valid; its targets are the target
-variables at t + lead, looked up inside the same split (a train sample never reads val/test values,
-so no leakage) and NaN where t + lead is past the split's data (the loader masks them). Input times
-that are a gap in the store (`valid` False) are skipped and listed in the manifest by reason.
+Zarr chunk reads. Why frames (shard version 2): a sample's targets are the target fields of later
+times that other samples hold as input, so a shard holds each time step once, as a FRAME keyed
+`{split}_{position:08d}`: a time-contiguous run of samples (their input frames) plus the target-only
+frames their leads reach beyond them (the halo of the longest lead), and the loader assembles each
+sample (t, t + leads) inside the shard. Targets are looked up inside the same split (a train sample
+never reads val/test values, so no leakage) and are NaN where t + lead is past the split's data.
+Input times that are a gap in the store, or whose targets inside the split are, are skipped and
+listed in the manifest by reason (`pipeline.shardplan`).
 
 The manifest copies the store's record; statistics come from the store (computed by the build).
-Reruns are cheap and exact: tar headers are fixed (mtime, uid/gid, names, mode) so the same store
+The shards are planned before anything is written (a pure function of `valid` and the limits), so
+reruns are cheap and exact: tar headers are fixed (mtime, uid/gid, names, mode) so the same store
 gives byte-identical shards; a shard is written under a temporary name and renamed once closed,
-then recorded in the manifest (sha256, bytes, count, the split positions it covers). A rerun
-against the same store and settings keeps every leading shard that still verifies and rewrites
-from the first missing or damaged one.
+then recorded in the manifest (sha256, bytes, its samples and frames as runs). A rerun against the
+same store and settings keeps every leading shard that still verifies and rewrites from the first
+missing or damaged one.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,12 +38,14 @@ import webdataset as wds
 import xarray as xr
 from tqdm import tqdm
 
-from pipeline.codec import ENCODERS, SAMPLE_MEMBERS
+from pipeline.codec import ENCODERS, FRAME_MEMBERS, encode, frame_key, member_shapes
 from pipeline.config import PipelineConfig, ShardConfig, load_pipeline_config
 from pipeline.features import STATIC_OUTPUTS, TIME_OUTPUTS
-from pipeline.records import ManifestRecord, ShardEntry, ShardPlan, SplitRecord, StaticEntry, Statistics, StoreRecord
-from pipeline.shardset import (key_index, manifest_path, read_manifest, sample_key, shard_name, shard_problem,
-                               summarize_shard_set, write_manifest)
+from pipeline.records import (ManifestRecord, ShardEntry, ShardPlan, ShardSpan, SplitRecord, StaticEntry, Statistics,
+                              StoreRecord, run_positions)
+from pipeline.shardplan import FrameBytes, classify, cut_shards, lead_steps, member_bytes
+from pipeline.shardset import manifest_path, read_manifest, shard_name, shard_problem, summarize_shard_set, \
+    write_manifest
 from pipeline.store import open_features
 from topoflow.config import add_override_argument
 from topoflow.errors import ShardSetError, StoreError
@@ -47,85 +56,41 @@ from topoflow.progress import progress_bar
 log = logging.getLogger("pipeline")
 TAR_MTIME = 946684800  # 2000-01-01T00:00Z: a fixed mtime makes reruns byte-identical
 TAR_OWNER = "topoflow"  # uname/gname; uid/gid stay tarfile's default 0
-INPUT_MISSING = "input missing"  # skip reasons: the input time is a gap in the store,
-TARGET_MISSING = "target missing"  # or a target time t + lead inside the split is
 KEPT = "then rerun shard (finished shards are kept)"
-PER_TIME = tuple(o for o in TIME_OUTPUTS if o.member and o.name != "fields")  # small per-sample arrays
+PER_TIME = tuple(o for o in TIME_OUTPUTS if o.member and o.name != "fields")  # small per-frame arrays
+_SHARD_FILE = re.compile(r"(?P<split>[a-z]+)-\d{6}\.tar")
 
 
-class _Window:
-    """Rolling in-memory copy of `fields` rows for split positions [start, stop), loaded with dask.
+class _Rows:
+    """One split's rows (dynamic fields and per-time outputs), read with dask a block of `block` steps
+    at a time, one block ahead in a background thread, and dropped once no shard still to write needs
+    them: memory stays at about the longest lead plus two blocks, whatever the shard size."""
 
-    Input blocks overlap their targets' rows (t + lead), so rows already in memory are kept
-    instead of being read twice.
-    """
+    def __init__(self, ds: xr.Dataset, store_index: np.ndarray, block: int, pool: ThreadPoolExecutor) -> None:
+        self.ds, self.store_index, self.block, self.pool = ds, store_index, block, pool
+        self.blocks: dict[int, Future] = {}
 
-    def __init__(self, fields: xr.DataArray, store_index: np.ndarray) -> None:
-        self.fields, self.store_index = fields, store_index
-        self.start, self.rows = 0, np.empty((0, *fields.shape[1:]), dtype=np.float32)
+    def _read(self, b: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        index = self.store_index[b * self.block: (b + 1) * self.block]
+        (fields, per_time) = dask.compute(self.ds.fields.isel(time=index).data,
+                                          {o.name: self.ds[o.name].isel(time=index).data for o in PER_TIME})
+        return fields, per_time
 
-    def load(self, start: int, stop: int) -> None:
-        keep = self.rows[max(0, start - self.start): max(0, stop - self.start)]
-        have = self.start + max(0, start - self.start) + len(keep)
-        new_from = max(start, have)
-        new = self.fields.isel(time=self.store_index[new_from:stop]).values if new_from < stop else keep[:0]
-        self.start, self.rows = start, np.concatenate([keep, new]) if len(keep) else new
+    def _submit(self, b: int) -> None:
+        if b not in self.blocks and b * self.block < len(self.store_index):
+            self.blocks[b] = self.pool.submit(self._read, b)
 
+    def row(self, position: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Fields (V, H, W) and per-time outputs of one split position."""
+        b, j = divmod(position, self.block)
+        self._submit(b)
+        self._submit(b + 1)
+        fields, per_time = self.blocks[b].result()
+        return fields[j], {name: values[j] for name, values in per_time.items()}
 
-class _SplitWriter:
-    """Writes one split's samples with webdataset's ShardWriter and records finished shards."""
-
-    def __init__(self, root: Path, split: str, record: SplitRecord, cfg: ShardConfig, save: Callable[[], None]) -> None:
-        self.record, self.save, self.root = record, save, root
-        self.pending: list[int] = []
-        self.next_start = record.shards[-1].stop if record.shards else 0
-        self.writer = wds.ShardWriter(
-            str(root / (shard_name(split, 0).replace("000000", "%06d") + ".tmp")),
-            maxcount=cfg.max_count, maxsize=cfg.max_size, post=self._finish,
-            start_shard=len(record.shards), verbose=0, encoder=ENCODERS,
-            mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER, mode=0o444,
-        )
-
-    def _finish(self, tmp_name: str) -> None:
-        """ShardWriter's post hook: fsync, hash, rename to the final name, record, save manifest."""
-        tmp = Path(tmp_name)
-        if not self.pending:  # ShardWriter opens a stream before the first sample; nothing was written
-            tmp.unlink()
-            return
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        final = tmp.with_suffix("")
-        entry = ShardEntry(name=final.name, count=len(self.pending), bytes=tmp.stat().st_size,
-                           sha256=sha256_file(tmp), start=self.next_start, stop=self.pending[-1] + 1)
-        os.replace(tmp, final)
-        self.record.shards.append(entry)
-        self.next_start, self.pending = entry.stop, []
-        self.save()
-
-    def write(self, position: int, sample: dict[str, Any]) -> None:
-        with writing(self.root, KEPT):
-            self.writer.write(sample)  # may close the previous shard first (its post hook sees `pending`)
-        self.pending.append(position)
-
-    def close(self) -> None:
-        with writing(self.root, KEPT):
-            self.writer.close()
-
-    def abort(self) -> None:
-        """Drop the shard being written (never renamed, never recorded): a failed run leaves no temporary tar."""
-        if self.writer.tarstream is not None:
-            with contextlib.suppress(Exception):
-                self.writer.tarstream.close()
-            self.writer.tarstream = None
-            Path(self.writer.fname).unlink(missing_ok=True)
-
-
-def _target_positions(times: np.ndarray, leads_h: list[int]) -> np.ndarray:
-    """(n, n_leads) split position of t + lead, or -1 where that time is not in the split."""
-    target_times = times[:, None] + np.array(leads_h, dtype="timedelta64[h]")[None, :]
-    pos = np.searchsorted(times, target_times)
-    found = (pos < len(times)) & (times[np.minimum(pos, len(times) - 1)] == target_times)
-    return np.where(found, pos, -1)
+    def release_before(self, position: int) -> None:
+        for b in [b for b in self.blocks if (b + 1) * self.block <= position]:
+            del self.blocks[b]
 
 
 def split_index(time: np.ndarray, record: StoreRecord, split: str) -> np.ndarray:
@@ -134,66 +99,102 @@ def split_index(time: np.ndarray, record: StoreRecord, split: str) -> np.ndarray
     return np.nonzero((time >= np.datetime64(period.start)) & (time <= np.datetime64(period.end)))[0]
 
 
-def _sample(split: str, pos: int, time: np.datetime64, x: np.ndarray, y: np.ndarray, per_time: dict[str, np.ndarray],
-            j: int, leads_h: list[int]) -> dict[str, Any]:
-    key = sample_key(split, pos)
-    return {"__key__": key, "input.npy": x, "target.npy": y,
-            **{o.member: per_time[o.name][j] for o in PER_TIME},
-            "meta.json": {"time": pd.Timestamp(time).isoformat(), "leads_h": leads_h, "key": key}}
+def _frame(split: str, position: int, time: np.datetime64, row: np.ndarray, per_time: dict[str, np.ndarray],
+           record: StoreRecord, is_input: bool) -> dict[str, Any]:
+    """The members of one frame: an input frame (a sample's input time) or a target-only frame."""
+    key = frame_key(split, position)
+    meta = {"key": key, "time": pd.Timestamp(time).isoformat()}
+    if is_input:
+        return {"__key__": key, "input.npy": row, **{o.member: per_time[o.name] for o in PER_TIME}, "meta.json": meta}
+    return {"__key__": key, "target.npy": row[record.target_index], "meta.json": meta}
 
 
-def _write_split(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, split: str, out: SplitRecord,
-                 root: Path, save: Callable[[], None], bar: tqdm) -> None:
-    """Write the samples of one split from the first position not yet covered by a good shard."""
-    store_index = split_index(ds.time.values, record, split)
-    times, valid = ds.time.values[store_index], ds.valid.values[store_index]
-    targets = _target_positions(times, record.leads_h)
-    window = _Window(ds.fields, store_index)
-    writer = _SplitWriter(root, split, out, cfg.shard, save)
-    block = cfg.build.time_chunk
+def _frame_at(split: str, times: np.ndarray, rows: _Rows, record: StoreRecord, inputs: frozenset[int],
+              position: int) -> dict[str, Any]:
+    """The frame of split position `position` of a shard whose samples are `inputs`, from the rolling rows."""
+    return _frame(split, position, times[position], *rows.row(position), record, position in inputs)
 
-    def read(start: int) -> tuple[int, int, np.ndarray, int, dict[str, np.ndarray]]:
-        """Rows for positions [start, stop) and their targets; the window never mutates old arrays."""
-        stop = min(start + block, len(times))
-        window.load(start, max(stop, int(targets[start:stop].max()) + 1))
-        (per_time,) = dask.compute({o.name: ds[o.name].isel(time=store_index[start:stop]).data for o in PER_TIME})
-        return start, stop, window.rows, window.start, per_time
 
-    bar.update(writer.next_start)
-    starts = list(range(writer.next_start, len(times), block))
+def frame_bytes(record: StoreRecord, split: str, time: np.datetime64) -> FrameBytes:
+    """Tar bytes of an input and of a target-only frame, from frames of the right shapes and dtypes
+    (every frame of a kind has the same size), so shards can be cut to `max_size` before writing."""
+    shapes = member_shapes(record)
+    row = np.zeros(shapes["input.npy"], np.float32)
+    per_time = {o.name: np.zeros(shapes[o.member], o.dtype_for(record)) for o in PER_TIME}
+
+    def size(is_input: bool) -> int:
+        frame = encode(_frame(split, 0, time, row, per_time, record, is_input))
+        return sum(member_bytes(len(value)) for name, value in frame.items() if name != "__key__")
+
+    return FrameBytes(input=size(True), target=size(False))
+
+
+def _write_shard(root: Path, name: str, span: ShardSpan, frame_at: Callable[[int], dict[str, Any]],
+                 release: Callable[[int], None]) -> ShardEntry:
+    """Write one shard to `name.tmp`, hash it, rename it: a failure removes the temporary file, so a failed
+    run leaves no temporary tar."""
+    tmp = root / f"{name}.tmp"
     try:
-        with dask.config.set(scheduler="threads"), ThreadPoolExecutor(1) as pool:
-            future = pool.submit(read, starts[0]) if starts else None
-            for i in range(len(starts)):
-                start, stop, rows, rows_start, per_time = future.result()
-                future = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
-                for pos in range(start, stop):
-                    bar.update(1)
-                    sample = _sample_at(pos, split, times, valid, targets, rows, rows_start, per_time, pos - start,
-                                        record, out)
-                    if sample is not None:
-                        writer.write(pos, sample)
-        writer.close()
+        _write_tar(root, tmp, span, frame_at, release)
+        entry = ShardEntry(name=name, samples=span.samples, frames=span.frames, bytes=tmp.stat().st_size,
+                           sha256=sha256_file(tmp))
+        with writing(root, KEPT):
+            os.replace(tmp, root / name)
     except BaseException:
-        writer.abort()
+        tmp.unlink(missing_ok=True)
         raise
+    return entry
+
+
+def _write_tar(root: Path, tmp: Path, span: ShardSpan, frame_at: Callable[[int], dict[str, Any]],
+               release: Callable[[int], None]) -> None:
+    """A shard's frames in time order with webdataset's TarWriter (fixed headers), then fsync."""
+    with writing(root, KEPT):
+        fh = open(tmp, "wb")
+    with fh:
+        tar = wds.TarWriter(fh, encoder=ENCODERS, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER, mode=0o444)
+        try:
+            for position in run_positions(span.frames):
+                frame = frame_at(position)  # reading the store stays outside `writing`: its errors are not ours
+                with writing(root, KEPT):
+                    tar.write(frame)
+                release(position + 1)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                tar.close()  # end the stream now, not when collected (the file is closed and removed by then)
+            raise
+        with writing(root, KEPT):
+            tar.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _plan_split(valid: np.ndarray, steps: list[int], cfg: ShardConfig, sizes: FrameBytes, split: str
+                ) -> tuple[list[ShardSpan], dict[str, list[str]]]:
+    """The shards of one split and the input times skipped, by reason (keys of the skipped times)."""
+    is_sample, reasons = classify(valid, steps)
+    skipped = {why: [frame_key(split, int(p)) for p in np.flatnonzero(mask)] for why, mask in reasons.items()
+               if mask.any()}
+    spans = cut_shards(np.flatnonzero(is_sample).tolist(), steps, len(valid), cfg.max_count, cfg.max_size, sizes)
+    return spans, skipped
+
+
+def _write_split(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, split: str, spans: list[ShardSpan],
+                 out: SplitRecord, root: Path, save: Callable[[], None], bar: tqdm) -> None:
+    """Write the shards of one split after those already recorded in `out`, saving the manifest after each."""
+    store_index = split_index(ds.time.values, record, split)
+    times = ds.time.values[store_index]
+    with dask.config.set(scheduler="threads"), ThreadPoolExecutor(1) as pool:
+        rows = _Rows(ds, store_index, cfg.build.time_chunk, pool)
+        for number in range(len(out.shards), len(spans)):
+            span = spans[number]
+            next_first = spans[number + 1].frames[0][0] if number + 1 < len(spans) else len(times)
+            frame_at = functools.partial(_frame_at, split, times, rows, record, frozenset(run_positions(span.samples)))
+            release = lambda p, keep=next_first: rows.release_before(min(p, keep))  # noqa: E731
+            out.shards.append(_write_shard(root, shard_name(split, number), span, frame_at, release))
+            save()
+            bar.update(span.count)
     out.complete = True
-
-
-def _sample_at(pos: int, split: str, times: np.ndarray, valid: np.ndarray, targets: np.ndarray, rows: np.ndarray,
-               rows_start: int, per_time: dict[str, np.ndarray], j: int, record: StoreRecord, out: SplitRecord
-               ) -> dict[str, Any] | None:
-    """The sample of split position `pos`, or None (its skip reason recorded) if an input or target is missing."""
-    why = INPUT_MISSING if not valid[pos] else TARGET_MISSING if not valid[targets[pos][targets[pos] >= 0]].all() \
-        else None
-    if why:
-        out.skipped.setdefault(why, []).append(sample_key(split, pos))
-        return None
-    y = np.full((len(record.leads_h), len(record.target_index), *rows.shape[2:]), np.nan, dtype=np.float32)
-    for lead, tpos in enumerate(targets[pos]):
-        if tpos >= 0:
-            y[lead] = rows[tpos - rows_start][record.target_index]
-    return _sample(split, pos, times[pos], rows[pos - rows_start], y, per_time, j, record.leads_h)
 
 
 def _write_static(ds: xr.Dataset, root: Path) -> dict[str, StaticEntry]:
@@ -209,21 +210,18 @@ def _write_static(ds: xr.Dataset, root: Path) -> dict[str, StaticEntry]:
     return entries
 
 
-def _kept_shards(root: Path, old: ManifestRecord | None, plan: ShardPlan, split: str) -> SplitRecord:
-    """The split record to resume from: leading shards of a compatible old manifest that still verify."""
+def _kept_shards(root: Path, old: ManifestRecord | None, plan: ShardPlan, split: str, spans: list[ShardSpan]
+                 ) -> list[ShardEntry]:
+    """The leading shards of a compatible old manifest that are the planned ones and still verify."""
     if old is None or old.plan != plan or split not in old.splits:
-        return SplitRecord()
-    before = old.splits[split]
-    kept = []
-    for entry in before.shards:
-        if shard_problem(root / entry.name, entry) is not None:
+        return []
+    kept: list[ShardEntry] = []
+    for entry, span in zip(old.splits[split].shards, spans):
+        if (entry.name, entry.samples, entry.frames) != (shard_name(split, len(kept)), span.samples, span.frames) \
+                or shard_problem(root / entry.name, entry) is not None:
             break
         kept.append(entry)
-    if before.complete and len(kept) == len(before.shards):
-        return before.model_copy(deep=True)
-    covered = kept[-1].stop if kept else 0
-    skipped = {why: [k for k in keys if key_index(k) < covered] for why, keys in before.skipped.items()}
-    return SplitRecord(skipped=skipped, shards=kept)
+    return kept
 
 
 def _old_manifest(root: Path) -> ManifestRecord | None:
@@ -238,14 +236,14 @@ def _statistics(ds: xr.Dataset) -> Statistics:
                       static_mean=ds.static_mean.values.tolist(), static_std=ds.static_std.values.tolist())
 
 
-def _remove_stale(root: Path, old: ManifestRecord | None, manifest: ManifestRecord) -> None:
-    """Delete shards an older manifest listed that the new set no longer has (a different plan)."""
-    if old is None:
-        return
+def _remove_stale(root: Path, manifest: ManifestRecord) -> None:
+    """Delete shard files of this set's splits that the manifest no longer lists (an older plan or shard
+    version wrote them): the directory then holds exactly the shard set."""
     current = {s.name for r in manifest.splits.values() for s in r.shards}
-    for entry in (s for r in old.splits.values() for s in r.shards):
-        if entry.name not in current:
-            (root / entry.name).unlink(missing_ok=True)
+    for path in root.glob("*.tar"):
+        match = _SHARD_FILE.fullmatch(path.name)
+        if match and match["split"] in manifest.splits and path.name not in current:
+            path.unlink()
 
 
 def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
@@ -255,37 +253,44 @@ def write_shards(cfg: PipelineConfig, *, progress: bool = True) -> Path:
     if why:
         raise StoreError(f"feature store {cfg.data.store} was built from another config:\n  " + "\n  ".join(why) +
                          "\nrebuild it with `python -m pipeline build --config CONFIG --overwrite`")
-    sizes = {k: len(split_index(ds.time.values, record, k)) for k in record.splits}
     root = Path(cfg.data.shards)
     with exclusive(root, "shard set"):
         with writing(root, KEPT):
             root.mkdir(parents=True, exist_ok=True)
-        _write_shard_set(ds, record, cfg, root, sizes, progress)
+        _write_shard_set(ds, record, cfg, root, progress)
     return manifest_path(root)
 
 
-def _write_shard_set(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, root: Path, sizes: dict[str, int],
-                     progress: bool) -> None:
-    """Manifest first (resuming from the shards that still verify), then every split, then `complete`."""
+def _write_shard_set(ds: xr.Dataset, record: StoreRecord, cfg: PipelineConfig, root: Path, progress: bool) -> None:
+    """Plan every split, write the manifest (resuming from the shards that still verify), then every split's
+    remaining shards, then `complete`."""
     plan = ShardPlan(store_fingerprint=sha256_json(record.model_dump(mode="json")), max_count=cfg.shard.max_count,
                      max_size=cfg.shard.max_size)
+    steps = lead_steps(record.leads_h, record.step_hours)
     old = _old_manifest(root)
     for stale in root.glob("*.tar.tmp"):  # a killed run's unfinished shard (this run holds the lock)
         stale.unlink()
-    manifest = ManifestRecord(store_path=str(cfg.data.store), store=record, plan=plan, members=list(SAMPLE_MEMBERS),
-                              statistics=_statistics(ds), static=_write_static(ds, root),
-                              splits={split: _kept_shards(root, old, plan, split) for split in record.splits})
+    splits, planned = {}, {}
+    for split in record.splits:
+        index = split_index(ds.time.values, record, split)
+        sizes = frame_bytes(record, split, ds.time.values[0])  # every frame's time has the same ISO length
+        planned[split], skipped = _plan_split(ds.valid.values[index], steps, cfg.shard, sizes, split)
+        kept = _kept_shards(root, old, plan, split, planned[split])
+        splits[split] = SplitRecord(n_times=len(index), skipped=skipped, shards=kept,
+                                    complete=len(kept) == len(planned[split]))
+    manifest = ManifestRecord(store_path=str(cfg.data.store), store=record, plan=plan, lead_steps=steps,
+                              frame_members={kind: list(m) for kind, m in FRAME_MEMBERS.items()},
+                              statistics=_statistics(ds), static=_write_static(ds, root), splits=splits)
     save = lambda: write_manifest(root, manifest)  # noqa: E731
     save()
-    with progress_bar(sum(sizes.values()), desc="shard", unit="sample", log=log, enabled=progress) as bar:
-        for split, out in manifest.splits.items():
-            out.n_times = sizes[split]
-            if out.complete:
-                bar.update(sizes[split])
-                continue
-            _write_split(ds, record, cfg, split, out, root, save, bar)
-            save()
-    _remove_stale(root, old, manifest)
+    with progress_bar(sum(r.n_times for r in splits.values()), desc="shard", unit="sample", log=log,
+                      enabled=progress) as bar:
+        for split, out in splits.items():
+            bar.update(out.n_skipped + out.n_samples)
+            if not out.complete:
+                _write_split(ds, record, cfg, split, planned[split], out, root, save, bar)
+                save()
+    _remove_stale(root, manifest)
     manifest.complete = True
     save()
 

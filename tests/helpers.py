@@ -161,3 +161,45 @@ def plant_pickled_input(source: Path, shards: Path, shard: str, key: str) -> Non
                 data, info.size = buffer.getvalue(), len(buffer.getvalue())
             dst.addfile(info, io.BytesIO(data))
     rehash_shard(shards, shard)
+
+
+def read_tar_frames(path: Path) -> dict[int, dict[str, bytes]]:
+    """Split position -> member -> bytes of a shard, straight from the tar (independent of the codec)."""
+    frames: dict[int, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, member = info.name.split(".", 1)
+            frames.setdefault(int(key.rsplit("_", 1)[1]), {})[member] = tar.extractfile(info).read()
+    return frames
+
+
+class StoreSamples:
+    """What every sample of a split should hold, computed from the store by time arithmetic alone (not by
+    the shard code): the input row, and the targets at t + lead inside the split, NaN past its end."""
+
+    def __init__(self, store: Path, period: object, leads_h: list[int], targets: list[str]) -> None:
+        ds = xr.open_zarr(store, consolidated=False)
+        times = ds.time.values
+        self.index = np.nonzero((times >= np.datetime64(period.start)) & (times <= np.datetime64(period.end)))[0]
+        self.times, self.valid = times[self.index], ds.valid.values[self.index]
+        self.fields = ds.fields.values[self.index]
+        self.tvars = [list(ds["var"].values).index(t) for t in targets]
+        self.leads = [np.timedelta64(h, "h") for h in leads_h]
+        self._position = {t: p for p, t in enumerate(self.times)}
+        self.per_time = {name: ds[name].values[self.index]
+                         for name in ("scan_order", "scan_order_global", "wind_speed")}
+
+    def target_positions(self, p: int) -> list[int | None]:
+        return [self._position.get(self.times[p] + lead) for lead in self.leads]
+
+    def is_sample(self, p: int) -> bool:
+        """Input valid and every target inside the split valid."""
+        return bool(self.valid[p]) and all(self.valid[q] for q in self.target_positions(p) if q is not None)
+
+    def targets(self, p: int) -> np.ndarray:
+        """(n_leads, P, H, W) physical targets, NaN where t + lead is past the split."""
+        out = np.full((len(self.leads), len(self.tvars), *self.fields.shape[2:]), np.nan, dtype=np.float32)
+        for lead, q in enumerate(self.target_positions(p)):
+            if q is not None:
+                out[lead] = self.fields[q][self.tvars]
+        return out

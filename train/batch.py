@@ -1,4 +1,4 @@
-"""`Batch` and its assembly from decoded samples: normalisation, lead selection and loss masks.
+"""`Batch` and its assembly from samples (`pipeline.codec.Sample`): normalisation, lead selection and loss masks.
 
 Assembly runs inside the loader workers, so the training loop receives ready tensors. `x` holds the
 dynamic channels only (the static and coordinate channels join on the device: `train.inputs`).
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.codec import Sample
 from topoflow.layout import ScanMode
 from train.shards import ShardSet
 
@@ -74,7 +75,7 @@ def _normalise(a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return a
 
 
-def draw_leads(samples: list[dict[str, Any]], shards: ShardSet, rng: np.random.Generator, size: int) -> np.ndarray:
+def draw_leads(samples: list[Sample], shards: ShardSet, rng: np.random.Generator, size: int) -> np.ndarray:
     """One lead index per sample, uniform over the leads, redrawn among those with a target to learn from.
 
     A sample near the end of its split has no target at its longer leads (they lie past the split);
@@ -83,24 +84,28 @@ def draw_leads(samples: list[dict[str, Any]], shards: ShardSet, rng: np.random.G
     """
     leads = rng.integers(len(shards.leads_h), size=size)
     for i, s in enumerate(samples):
-        target = s["target.npy"]
-        if (np.isfinite(target[leads[i]]) & shards.loss_mask).any():
+        def learnable(lead: int) -> bool:
+            target = s.targets[lead]  # noqa: B023
+            return target is not None and target.learnable(shards.loss_mask)
+
+        if learnable(leads[i]):
             continue
-        usable = np.flatnonzero((np.isfinite(target) & shards.loss_mask).any(axis=tuple(range(1, target.ndim))))
-        if usable.size:
+        usable = [lead for lead in range(len(shards.leads_h)) if learnable(lead)]
+        if usable:
             leads[i] = rng.choice(usable)
     return leads
 
 
-def assemble(samples: list[dict[str, Any] | None], shards: ShardSet, lead_index: np.ndarray | None,
+def assemble(samples: list[Sample | None], shards: ShardSet, lead_index: np.ndarray | None,
              skipped_shards: list[str]) -> dict[str, Any]:
-    """Decoded samples (None = eval padding) -> the fields of a Batch as numpy arrays (`Batch.from_arrays`).
-    `lead_index` (B,) picks one lead per sample (train); None keeps all leads (eval).
+    """Samples (None = eval padding) -> the fields of a Batch as numpy arrays (`Batch.from_arrays`).
+    `lead_index` (B,) picks one lead per sample (train); None keeps all leads (eval). A lead without a
+    target (past the split) stays NaN, so its mask is False.
 
     Numpy, not tensors, because loader workers pass batches to the main process: pickled arrays
     travel in one message, while each tensor costs torch a shared-memory segment and a file
     descriptor (benchmarks/loader.py)."""
-    v, (h, w) = shards.member_shapes["input.npy"][0], shards.layout.grid
+    v, (h, w) = shards.frame_format.shapes["input.npy"][0], shards.layout.grid
     n_leads, p, n_tok = len(shards.leads_h), len(shards.targets), shards.layout.n_tokens
     b = len(samples)
     valid = np.array([s is not None for s in samples])
@@ -113,10 +118,12 @@ def assemble(samples: list[dict[str, Any] | None], shards: ShardSet, lead_index:
     for i, s in enumerate(samples):
         if s is None:
             continue
-        x[i] = s["input.npy"]
-        target[i] = s["target.npy"][lead_index[i]] if train else s["target.npy"]  # copy only the drawn lead
-        order[i], order_global[i], wind[i] = s["scan_order.npy"], s["scan_order_global.npy"], s["wind_speed.npy"]
-        keys[i], times[i] = s["__key__"], s["meta.json"]["time"]
+        x[i] = s.input
+        for lead, out in ([(lead_index[i], target[i])] if train else enumerate(target[i])):  # only the drawn lead
+            if s.targets[lead] is not None:
+                s.targets[lead].copy_to(out)
+        order[i], order_global[i], wind[i] = s.scan_order, s.scan_order_global, s.wind_speed
+        keys[i], times[i] = s.key, s.time
     x = _normalise(x, shards.stats_mean[:, None, None], shards.input_std[:, None, None])
     x[~valid] = 0.0
     leads = np.asarray(shards.leads_h, dtype=np.float32)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.codec import member_shapes
+from pipeline.codec import FrameFormat
 from pipeline.records import ManifestRecord, StoreRecord
 from pipeline.shardset import manifest_path, read_manifest
 from topoflow.errors import ShardSetError
@@ -68,8 +68,9 @@ class ShardSet:
         return np.array(rows, dtype=np.float64)  # JSON null -> NaN
 
     @functools.cached_property
-    def member_shapes(self) -> dict[str, tuple[int, ...]]:
-        return member_shapes(self.record)
+    def frame_format(self) -> FrameFormat:
+        """How samples are assembled from this set's frames (lead steps and members, from the manifest)."""
+        return FrameFormat.of(self.manifest)
 
     @property
     def target_index(self) -> list[int]:

@@ -39,6 +39,8 @@ def test_config_covers_store_and_shard_set(tiny_store, tiny_shards, capsys):
     assert run_inspect("--config", str(config)) == 0
     out = capsys.readouterr().out
     assert str(tiny_store.data.store) in out and str(tiny_shards) in out
+    assert "shard version 2" in out and "input frames: input.npy" in out and "target frames: target.npy" in out
+    assert "train: 24 samples in 6 shards, 44 frames (" in out and "x the dynamic fields of its 24 time steps" in out
 
 
 def test_broken_scan_order_row_fails(damaged, capsys):

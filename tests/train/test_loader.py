@@ -18,23 +18,25 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from pipeline.codec import TargetFields
 from pipeline.features import COORDINATE_LAYERS
-from pipeline.records import ShardEntry
+from pipeline.records import ShardEntry, run_positions
 from pipeline.shardset import read_manifest
-from tests.helpers import rehash_shard
+from tests.helpers import StoreSamples, rehash_shard
 from topoflow.errors import ShardSetError
 from train.batch import Batch, draw_leads
 from train.inputs import InputAssembler
-from train.loader import CorruptShardError, ShardIntegrityError, ShardStream
+from train.loader import CorruptShardError, ShardIntegrityError, ShardStream, stages
 from train.loader.plan import next_worker, plan_epoch, round_robin, skip_per_worker
 from train.shards import load_shard_set
 
 
 def all_keys(shards: Path, split: str) -> set[str]:
+    """Keys of a split's samples: its input frames, read from the tars (target-only frames are no samples)."""
     keys = set()
     for shard in read_manifest(shards).splits[split].shards:
         with tarfile.open(shards / shard.name) as tar:
-            keys |= {m.name.split(".")[0] for m in tar}
+            keys |= {m.name.split(".")[0] for m in tar if m.name.endswith(".input.npy")}
     return keys
 
 
@@ -120,32 +122,56 @@ def test_resume_with_other_settings_is_refused(tiny_shards: Path) -> None:
         ShardStream(tiny_shards, "train", 2, num_workers=1).load_state_dict(state)
 
 
-def test_batch_is_normalised_and_masked(tiny_shards: Path) -> None:
+def test_batch_is_normalised_and_masked(tiny_store, tiny_shards: Path) -> None:
+    """Batches hold the store's values, normalised; targets past the split (NaN) and off the loss mask are
+    masked out and zero."""
     static = load_shard_set(tiny_shards)
     tidx = static.target_index
-    raw = {}
-    for shard in read_manifest(tiny_shards).splits["test"].shards:
-        with tarfile.open(tiny_shards / shard.name) as tar:
-            for m in tar:
-                key, member = m.name.split(".", 1)
-                raw.setdefault(key, {})[member] = tar.extractfile(m).read()
+    store = StoreSamples(tiny_store.data.store, tiny_store.data.splits["test"], static.leads_h, static.targets)
     mean, std = static.stats_mean, static.input_std
+    past = 0
     for mode in ("eval", "train"):
         for batch in ShardStream(tiny_shards, "test", 4, mode=mode):
             for i, key in enumerate(batch.keys):
-                x = np.load(io.BytesIO(raw[key]["input.npy"]))
-                target = np.load(io.BytesIO(raw[key]["target.npy"]))
-                np.testing.assert_allclose(batch.x[i].numpy(), (x - mean[:, None, None]) / std[:, None, None],
-                                           rtol=1e-5, atol=1e-5)
+                p = int(key.rsplit("_", 1)[1])
+                np.testing.assert_allclose(batch.x[i].numpy(), (store.fields[p] - mean[:, None, None]) /
+                                           std[:, None, None], rtol=1e-5, atol=1e-5)
+                target = store.targets(p)
                 if mode == "train":
                     target = target[static.leads_h.index(int(batch.lead_times[i]))]
+                past += int(np.isnan(target).all(axis=(-3, -2, -1)).sum())
                 expect = np.isfinite(target) & static.loss_mask
                 np.testing.assert_array_equal(batch.mask[i].numpy(), expect)
                 norm = (target - mean[tidx][:, None, None]) / std[tidx][:, None, None]
                 np.testing.assert_allclose(batch.y[i].numpy()[expect], norm[expect], rtol=1e-5, atol=1e-5)
                 assert (batch.y[i].numpy()[~expect] == 0).all()
-                assert sorted(batch.scan_order[i].tolist()) == list(range(32))
+                np.testing.assert_array_equal(batch.scan_order[i].numpy(), store.per_time["scan_order"][p])
+                np.testing.assert_array_equal(batch.wind_speed[i].numpy(), store.per_time["wind_speed"][p])
+    assert past > 0  # eval batches hold leads past the split's end
     assert not static.loss_mask.all()  # the static mask really removes cells
+
+
+def test_train_order_shuffles_inside_each_shard(tiny_shards: Path) -> None:
+    """With a one-sample buffer the train stream is the plan's shard order, each shard's samples permuted
+    (not in time order), and the same again for the same (seed, epoch)."""
+    def keys(seed: int) -> list[str]:
+        return [k for b in ShardStream(tiny_shards, "train", 4, seed=seed, shuffle_buffer=1) for k in b.keys]
+
+    shards = read_manifest(tiny_shards).splits["train"].shards
+    run = keys(5)
+    assert run == keys(5) and run != keys(6)
+    blocks = [run[i: i + 4] for i in range(0, 24, 4)]
+    of_shard = {f"train_{p:08d}": n for n, s in enumerate(shards) for p in run_positions(s.samples)}
+    assert all(len({of_shard[k] for k in block}) == 1 for block in blocks)  # a batch = one shard's samples here
+    assert any(block != sorted(block) for block in blocks)
+
+
+def test_an_older_shard_version_is_refused_with_the_fix(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = copy_shards(tiny_shards, tmp_path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "shard_version": 1}))
+    with pytest.raises(ShardSetError, match=r"shard version 1.*re-run `python -m pipeline shard"):
+        ShardStream(shards, "train", 2)
 
 
 def test_batch_helpers(tiny_shards: Path) -> None:
@@ -217,6 +243,24 @@ def test_flipped_byte_is_refused(tiny_shards: Path, tmp_path: Path, workers: int
         list(ShardStream(shards, "train", 2, num_workers=workers))
 
 
+def test_each_shard_is_read_whole_and_hashed_once_per_process(tiny_shards: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = copy_shards(tiny_shards, tmp_path)  # a new path: not yet verified by this process
+    calls, real = [], stages.shard_problem
+
+    def counting(path: Path, entry: ShardEntry, data: bytes | None = None):  # noqa: ANN202
+        calls.append((path.name, data is not None))
+        return real(path, entry, data)
+
+    monkeypatch.setattr(stages, "shard_problem", counting)
+    loader = ShardStream(shards, "train", 2)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == len(loader)
+    names = sorted(s.name for s in read_manifest(shards).splits["train"].shards)
+    assert sorted(calls) == [(name, True) for name in names]  # hashed from the bytes read, not read again
+
+
 class _Tripwire:
     """Unpickling this creates a file: proof that a planted pickle was (not) executed."""
 
@@ -254,7 +298,8 @@ def test_too_few_shards_is_a_clear_error(tiny_shards: Path) -> None:
 def test_plan_deals_every_shard_once_and_balances_ranks(counts: list[int], world: int, readers: int, batch: int,
                                                        seed: int, epoch: int) -> None:
     assume(len(counts) >= world * readers)
-    entries = [ShardEntry(name=f"s{i}", count=c, bytes=1, sha256="", start=0, stop=c) for i, c in enumerate(counts)]
+    entries = [ShardEntry(name=f"s{i}", samples=[(0, c)], frames=[(0, c)], bytes=1, sha256="")
+               for i, c in enumerate(counts)]
     for mode in ("train", "eval"):
         plans = [plan_epoch(entries, mode=mode, batch_size=batch, seed=seed, epoch=epoch, rank=r,
                             world_size=world, readers=readers) for r in range(world)]
@@ -290,21 +335,25 @@ def test_rotating_workers_by_the_phase_continues_the_round_robin(quotas: list[in
 
 
 @settings(max_examples=60, deadline=None)
-@given(usable=st.lists(st.lists(st.booleans(), min_size=3, max_size=3), min_size=1, max_size=6), seed=st.integers(0, 2**32))
-def test_draw_leads_picks_a_lead_with_a_target_and_keeps_usable_first_draws(usable: list[list[bool]], seed: int) -> None:
-    """Samples whose targets end inside the split keep their draw; others move to a lead with a target."""
+@given(usable=st.lists(st.lists(st.sampled_from(["target", "off-mask", "past"]), min_size=3, max_size=3), min_size=1,
+                       max_size=6), seed=st.integers(0, 2**32))
+def test_draw_leads_picks_a_lead_with_a_target_and_keeps_usable_first_draws(usable: list[list[str]], seed: int) -> None:
+    """Samples whose targets end inside the split keep their draw; others move to a lead with a target. A lead
+    has none past the split (no frame) or where its only finite cells are off the loss mask."""
     shards = SimpleNamespace(leads_h=[3, 6, 12], loss_mask=np.array([[True, False]]))
     samples = []
-    for flags in usable:
-        target = np.full((3, 2, 1, 2), np.nan, dtype=np.float32)
-        for lead, ok in enumerate(flags):
-            target[lead, 1, 0, 0] = 1.0 if ok else np.nan
-            target[lead, 0, 0, 1] = 1.0  # finite but off the loss mask: not a target to learn from
-        samples.append({"target.npy": target})
+    for kinds in usable:
+        targets = []
+        for kind in kinds:
+            fields = np.full((2, 1, 2), np.nan, dtype=np.float32)
+            fields[0, 0, 1] = 1.0  # finite but off the loss mask: not a target to learn from
+            fields[1, 0, 0] = 1.0 if kind == "target" else np.nan
+            targets.append(None if kind == "past" else TargetFields(fields, (0, 1)))
+        samples.append(SimpleNamespace(targets=tuple(targets)))
     first = np.random.default_rng(seed).integers(3, size=len(usable))
     drawn = draw_leads(samples, shards, np.random.default_rng(seed), len(usable))
-    for flags, a, b in zip(usable, first, drawn):
-        if flags[a] or not any(flags):
+    for kinds, a, b in zip(usable, first, drawn):
+        if kinds[a] == "target" or "target" not in kinds:
             assert b == a
         else:
-            assert flags[b]
+            assert kinds[b] == "target"

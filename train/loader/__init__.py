@@ -1,7 +1,7 @@
 """DDP-safe, resumable streaming loader over a WebDataset shard set, built from generator stages.
 
 `plan` deals shards to ranks and workers and fixes every worker's batch quota; `stages` are the
-webdataset-style generators each worker runs (verify -> read -> shuffle -> decode -> batch);
+webdataset-style generators each worker runs (read -> sample refs -> shuffle -> decode -> batch);
 `stream.ShardStream` runs them in-process or in DataLoader workers and resumes exactly.
 """
 

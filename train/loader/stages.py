@@ -1,40 +1,47 @@
 """The generator stages one reader (a rank's worker) runs, webdataset-style:
-verify -> read -> shuffle (train) -> decode -> batch.
+read (whole shards, verified) -> sample refs (shuffled inside each shard in train mode) -> shuffle
+buffer (train) -> decode (assemble each sample from its shard's frames) -> batch.
 
-Safety: only the sample members of `pipeline.codec` (.npy / .json) are accepted, and .npy is decoded
-with allow_pickle=False; any other member (.pyd, .pth, .pickle ...) is refused with an error. Each
-shard is verified (size, then sha256 against the manifest) the first time a process opens it. Wrong
-size or unreadable tar = corrupt: counted (`Batch.skipped_shards`), logged once and skipped, or an
-error with strict=True. Same size but another sha256 = the content was altered: refused. Hashing
-costs about one extra read of each shard, paid once per process and shard, lazily rather than for
-the whole split at startup (benchmarks/loader.py).
+Safety: only the frame members of `pipeline.codec` (.npy / .json) are accepted, and .npy is decoded
+with allow_pickle=False; any other member (.pyd, .pth, .pickle ...) is refused with an error. A shard
+is small (a run of time steps), so it is read whole, and the first time a process reads it its
+bytes are checked against the manifest in memory (size, then sha256: no second read). Wrong size,
+unreadable tar or frames other than the manifest lists = corrupt: counted (`Batch.skipped_shards`),
+logged once and skipped, or an error with strict=True. Same size but another sha256, or a member no
+writer puts there = altered: refused.
+
+Order in train mode: the plan shuffles the shard order globally per epoch; each shard's samples are
+permuted, then pass through webdataset's shuffle buffer, which mixes neighbouring shards. A sample
+travels as a ref (its shard's frames, its position) and is decoded only when it goes into a batch, so
+a resumed reader skips delivered samples undecoded.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
-from webdataset.tariterators import group_by_keys
 
-from pipeline.codec import SAMPLE_MEMBERS, decode_sample
-from pipeline.records import ShardEntry
-from pipeline.shardset import shard_problem, tar_members
+from pipeline.codec import FrameFormat, Sample, ShardFrames
+from pipeline.records import ShardEntry, run_positions
+from pipeline.shardset import frame_problems, parse_frames, shard_problem
 from topoflow.errors import ShardSetError
 from train.batch import assemble, draw_leads
 from train.loader.plan import Mode, seed_of
 from train.shards import ShardSet
 
 log = logging.getLogger(__name__)
-_META = {"__key__", "__url__", "__local_path__"}
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) verified by this process
 _LOGGED: set[str] = set()
+_FIX = "`python -m pipeline shard --config CONFIG`"
+SampleRef = tuple[ShardFrames, int]  # a sample not yet decoded: its shard's frames and its split position
 
 
 class CorruptShardError(ShardSetError):
@@ -53,8 +60,7 @@ class SkipLog:
         self.skipped: list[str] = []
 
     def corrupt(self, name: str, why: str) -> None:
-        msg = (f"shard {self.root / name} is corrupt ({why}): rerun `python -m pipeline shard --config CONFIG`,"
-               " which rewrites damaged shards")
+        msg = f"shard {self.root / name} is corrupt ({why}): rerun {_FIX}, which rewrites damaged shards"
         if self.strict:
             raise CorruptShardError(msg)
         if name not in self.skipped:
@@ -64,79 +70,84 @@ class SkipLog:
             log.warning("%s; skipping it (strict=False)", msg)
 
 
-def verify(entries: list[ShardEntry], skips: SkipLog) -> Iterator[ShardEntry]:
-    """Shards that match the manifest (checked once per process); corrupt ones are skipped, altered refused."""
+def _read_verified(entry: ShardEntry, skips: SkipLog) -> bytes | None:
+    """A shard's bytes, checked against the manifest once per process; None (skipped) if corrupt."""
+    path = skips.root / entry.name
+    try:
+        with open(path, "rb") as fh:
+            stat = os.fstat(fh.fileno())
+            data = fh.read() if stat.st_size == entry.bytes else None  # a wrong size is corrupt unread
+    except OSError as exc:
+        skips.corrupt(entry.name, "missing" if isinstance(exc, FileNotFoundError) else str(exc))
+        return None
+    ident = (str(path), stat.st_size, stat.st_mtime_ns)
+    if ident in _VERIFIED:
+        return data
+    problem = shard_problem(path, entry, data)
+    if problem is not None and problem.altered:
+        raise ShardIntegrityError(f"shard {path} has the manifest's size but another sha256: its content was "
+                                  f"altered after writing, so it is refused. Rewrite it with {_FIX}")
+    if problem is not None:
+        skips.corrupt(entry.name, str(problem))
+        return None
+    _VERIFIED.add(ident)
+    return data
+
+
+def read(entries: Iterable[ShardEntry], skips: SkipLog, split: str, fmt: FrameFormat) -> Iterator[ShardFrames]:
+    """Each shard read whole and verified, its frames checked against the manifest's span."""
     for entry in entries:
-        path = skips.root / entry.name
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            skips.corrupt(entry.name, "missing")
+        data = _read_verified(entry, skips)
+        if data is None:
             continue
-        ident = (str(path), stat.st_size, stat.st_mtime_ns)
-        if ident not in _VERIFIED:
-            problem = shard_problem(path, entry)
-            if problem is not None and problem.altered:
-                raise ShardIntegrityError(f"shard {path} has the manifest's size but another sha256: its content was "
-                                          "altered after writing, so it is refused. Rewrite it with "
-                                          "`python -m pipeline shard --config CONFIG`")
-            if problem is not None:
-                skips.corrupt(entry.name, str(problem))
-                continue
-            _VERIFIED.add(ident)
-        yield entry
-
-
-def read(entries: Iterator[ShardEntry], skips: SkipLog) -> Iterator[dict[str, Any]]:
-    """Raw samples (member name -> bytes) of each shard; a shard that breaks off counts as corrupt."""
-    for entry in entries:
-        errors: list[Exception] = []
-
-        def handler(exc: Exception) -> bool:
-            errors.append(exc)
-            return False  # stop reading this shard
-
         path = skips.root / entry.name
         try:
-            for sample in group_by_keys(tar_members(path), handler=handler):
-                unknown = sorted(set(sample) - _META - set(SAMPLE_MEMBERS))
-                if unknown:
-                    raise ShardIntegrityError(
-                        f"shard {path} sample {sample['__key__']} holds member(s) {unknown}; only "
-                        f"{list(SAMPLE_MEMBERS)} are accepted (pickle-based members are never decoded). The shard "
-                        "set was not written by `python -m pipeline shard`: rewrite it with that command")
-                if set(sample) - _META != set(SAMPLE_MEMBERS):
-                    errors.append(ValueError(f"sample {sample['__key__']} lacks "
-                                             f"{sorted(set(SAMPLE_MEMBERS) - set(sample))}"))
-                    break
-                yield sample
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            errors.append(exc)
-        if errors:
-            skips.corrupt(entry.name, str(errors[0]))
+            frames, strange = parse_frames(data, split)
+        except (tarfile.TarError, EOFError) as exc:
+            skips.corrupt(entry.name, f"unreadable tar: {exc}")
+            continue
+        problems = frame_problems(frames, strange, entry, split, entry.name)
+        altered = [p for p in problems if p.altered]
+        if altered:
+            raise ShardIntegrityError(f"shard {path}: {altered[0]}. The shard set was not written by "
+                                      f"`python -m pipeline shard`: rewrite it with {_FIX}")
+        if problems:
+            skips.corrupt(entry.name, str(problems[0]))
+            continue
+        yield ShardFrames(frames, entry, split, str(path), fmt)
 
 
-def train_passes(entries: list[ShardEntry], skips: SkipLog, buffer: int, seeds: tuple[int, ...]) -> Iterator[dict]:
-    """Shuffled raw samples, pass after pass (each later pass in a new shard order), as long as asked."""
+def sample_refs(shards: Iterable[ShardFrames], rng: np.random.Generator | None) -> Iterator[SampleRef]:
+    """Each shard's samples: in time order (eval), or permuted inside the shard (train: `rng`)."""
+    for frames in shards:
+        positions = run_positions(frames.span.samples)
+        for position in positions if rng is None else rng.permutation(positions).tolist():
+            yield frames, position
+
+
+def train_passes(entries: list[ShardEntry], skips: SkipLog, buffer: int, seeds: tuple[int, ...], split: str,
+                 fmt: FrameFormat) -> Iterator[SampleRef]:
+    """Shuffled sample refs, pass after pass (each later pass in a new shard order), as long as asked."""
     rng = random.Random(seed_of(*seeds))
     for n_pass in itertools.count():
         order = entries if n_pass == 0 else \
             [entries[i] for i in np.random.default_rng(seed_of(*seeds, n_pass)).permutation(len(entries))]
+        local = np.random.default_rng(seed_of(*seeds, n_pass, 2))
         seen = 0
-        for sample in wds.shuffle(buffer, buffer, rng=rng)(read(verify(order, skips), skips)):
+        for ref in wds.shuffle(buffer, buffer, rng=rng)(sample_refs(read(order, skips, split, fmt), local)):
             seen += 1
-            yield sample
+            yield ref
         if seen == 0:
             raise CorruptShardError(f"no sample could be read from the shards {[s.name for s in entries]}: rewrite "
-                                    "the shard set with `python -m pipeline shard --config CONFIG`")
+                                    f"the shard set with {_FIX}")
 
 
-def decode(samples: Iterator[dict[str, Any]], shards: ShardSet) -> Iterator[dict[str, Any]]:
-    for sample in samples:
-        yield decode_sample(sample, shards.member_shapes)
+def decode(refs: Iterator[SampleRef], count: int) -> list[Sample]:
+    """The next `count` samples (fewer at the end), assembled and decoded."""
+    return [frames.sample(position) for frames, position in itertools.islice(refs, count)]
 
 
-def batches(raw: Iterator[dict[str, Any]], shards: ShardSet, skips: SkipLog, mode: Mode, batch_size: int,
+def batches(raw: Iterator[SampleRef], shards: ShardSet, skips: SkipLog, mode: Mode, batch_size: int,
             first: int, quota: int, real: int, lead_seeds: tuple[int, ...]) -> Iterator[dict[str, Any]]:
     """Batches number first..quota-1 of one reader; eval batches past `real` are all padding.
 
@@ -148,9 +159,9 @@ def batches(raw: Iterator[dict[str, Any]], shards: ShardSet, skips: SkipLog, mod
         pass
     for index in range(first, quota):
         if mode == "train":
-            samples = list(decode(itertools.islice(raw, batch_size), shards))
+            samples = decode(raw, batch_size)
             leads = draw_leads(samples, shards, np.random.default_rng(seed_of(*lead_seeds, index, 1)), batch_size)
             yield assemble(samples, shards, leads, skips.skipped)
         else:
-            got = list(decode(itertools.islice(raw, batch_size), shards)) if index < real else []
+            got = decode(raw, batch_size) if index < real else []
             yield assemble(got + [None] * (batch_size - len(got)), shards, None, skips.skipped)

@@ -51,8 +51,9 @@ class _Reader:
         skips = stages.SkipLog(self.root, self.strict)
         seeds = (self.seed, epoch, self.rank, worker)
         entries = plan.shards[worker]
-        raw = stages.train_passes(entries, skips, self.shuffle_buffer, seeds) if self.mode == "train" \
-            else stages.read(stages.verify(entries, skips), skips)
+        fmt = shards.frame_format
+        raw = stages.train_passes(entries, skips, self.shuffle_buffer, seeds, self.split, fmt) \
+            if self.mode == "train" else stages.sample_refs(stages.read(entries, skips, self.split, fmt), None)
         yield from stages.batches(raw, shards, skips, self.mode, self.batch_size,
                                   skip_per_worker(plan.quotas, position)[worker], plan.quotas[worker],
                                   plan.real_batches[worker], seeds)
