@@ -31,7 +31,10 @@ class TrainConfig(Strict):
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers per rank")
     threads: int | None = Field(default=None, gt=0, description="torch threads per rank; None = the cores this "
                                 "process owns (affinity, SLURM cpus-per-task) / torchrun's ranks on the node")
-    shuffle_buffer: int = Field(default=64, ge=1, description="samples held by the loader's shuffle buffer")
+    shuffle_buffer: int = Field(
+        default=128, ge=1, description="samples held by the loader's shuffle buffer; about 2 x shard.max_count mixes "
+        "consecutive batches' times better than shard version 1 did (benchmarks/results/loader.json); it holds "
+        "about shuffle_buffer / max_count + 1 shards per loader worker in memory")
     lr: float = Field(default=5e-4, gt=0)
     min_lr: float = Field(default=1e-6, ge=0, description="end of the cosine decay")
     warmup_steps: int = Field(default=100, ge=0, description="linear warmup from lr/100 to lr")

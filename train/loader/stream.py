@@ -84,7 +84,7 @@ class ShardStream:
     """Iterable of `Batch` for one rank; `len()` batches per epoch on every rank (`train.loader.plan`)."""
 
     def __init__(self, shards_dir: str | Path, split: str, batch_size: int, *, mode: Mode = "train", seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 64,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 128,
                  strict: bool = False, prefetch_factor: int = 2) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
