@@ -64,7 +64,7 @@ def use_rank_threads(requested: int | None) -> ThreadPlan:
     """Size this rank's torch threads (call once per process, before the first heavy op) and log it."""
     plan = thread_plan(requested)
     torch.set_num_threads(plan.rank_threads)
-    threadpool_limits(plan.rank_threads)
+    threadpool_limits(plan.rank_threads, user_api="blas")  # OpenMP is torch's, set just above
     log.info("threads: %s", plan.describe())
     return plan
 
@@ -73,5 +73,5 @@ def use_rank_threads(requested: int | None) -> ThreadPlan:
 def init_loader_worker(worker_id: int) -> None:
     """DataLoader's worker_init_fn: one BLAS thread (torch's worker loop already sets one torch thread),
     and the stop signals left to the rank (`train.preempt.ignore_stop_signals`)."""
-    threadpool_limits(1)
+    threadpool_limits(1, user_api="blas")
     ignore_stop_signals(worker_id)

@@ -63,9 +63,10 @@ def test_use_rank_threads_sets_torch_in_a_process_pinned_to_one_core():
 def test_use_rank_threads_logs_the_plan(caplog):
     before = torch.get_num_threads()
     try:
-        with caplog.at_level("INFO", logger="train"), threadpool_limits(limits=None):  # restores BLAS on exit
+        with caplog.at_level("INFO", logger="train"), threadpool_limits(limits=None):  # restores the pools on exit
             plan = use_rank_threads(1)
-        assert torch.get_num_threads() == 1 and plan.source == "train.threads"
+            assert torch.get_num_threads() == 1 and plan.source == "train.threads"
+            assert {i["num_threads"] for i in threadpool_info()} == {1}
         assert "1 torch thread(s) per rank (train.threads)" in caplog.text
     finally:
         torch.set_num_threads(before)
