@@ -70,7 +70,10 @@ class ModelConfig(Strict):
     )
     physics: PhysicsConfig = PhysicsConfig()
     backend: Literal["auto", "sdpa", "flex"] = "auto"
-    chunk_size: int = Field(default=64, gt=0, description="query rows per bias chunk (sdpa backend)")
+    chunk_size: int = Field(
+        default=256, gt=0,
+        description="query rows per bias chunk (sdpa backend): extra memory O(chunk x N); 256 beats 64 (benchmarks/attention.py)",
+    )
     checkpoint_activations: bool = False
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from model.attention import KEY_TILE
 from model.config import ModelConfig
 from model.net import TopoFlowClimaX
 from topoflow.layout import PatchLayout
@@ -56,8 +57,10 @@ def estimate_memory(preset: str | Preset, batch_size: int = 1, backend: Backend 
     """Parameters and training memory (bytes) of a preset: weights, optimiser state, activations, bias.
 
     `attention_bias_bytes` is the extra peak memory of ONE physics block's bias path: `naive` builds the
-    full (B, H, N, N) bias and keeps scores and probabilities (3 N x N per head); `sdpa` holds about 4
-    (chunk x N) tensors per head during one chunk's backward; `flex` only the per-token operands.
+    full (B, H, N, N) bias and keeps scores and probabilities (3 N x N per head); `sdpa` holds, during one
+    chunk's backward, the chunk's bias rows, their autograd state and gradient (about 5 (chunk x N) per
+    bias head: one when alpha and the bias are shared by the heads) and a few (chunk x KEY_TILE) tiles per
+    head; `flex` only the per-token operands.
     """
     p = PRESETS[preset] if isinstance(preset, str) else preset
     cfg = p.cfg
@@ -70,9 +73,11 @@ def estimate_memory(preset: str | Preset, batch_size: int = 1, backend: Backend 
     per_block = (8 + 2 * cfg.mlp_ratio) * b * n * d  # norms, qkv, attention out, proj, fc1, GELU, residuals
     blocks = cfg.depth * per_block if not cfg.checkpoint_activations else cfg.depth * b * n * d + per_block
     head = (2 * cfg.decoder_depth + 1) * b * n * d
+    bias_heads = h if cfg.physics.alpha_per_head or cfg.physics.rel_pos_bias else 1
+    chunk = min(cfg.chunk_size, n)
     bias_values = {
         "naive": 3 * b * h * n * n,
-        "sdpa": 4 * b * h * min(cfg.chunk_size, n) * n,
+        "sdpa": 5 * b * bias_heads * chunk * n + 3 * b * h * chunk * min(KEY_TILE, n),
         "flex": 6 * b * n,
     }[backend]
     return {
