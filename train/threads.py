@@ -71,7 +71,8 @@ def use_rank_threads(requested: int | None) -> ThreadPlan:
 
 
 def init_loader_worker(worker_id: int) -> None:
-    """DataLoader's worker_init_fn: one BLAS thread (torch's worker loop already sets one torch thread),
-    and the stop signals left to the rank (`train.preempt.ignore_stop_signals`)."""
-    threadpool_limits(1, user_api="blas")
+    """DataLoader's worker_init_fn: one thread in every BLAS and OpenMP pool loaded (torch's worker loop
+    already sets one torch thread; pyresample's pykdtree brings its own OpenMP runtime), and the stop
+    signals left to the rank (`train.preempt.ignore_stop_signals`)."""
+    threadpool_limits(1)
     ignore_stop_signals(worker_id)

@@ -66,7 +66,7 @@ def test_use_rank_threads_logs_the_plan(caplog):
         with caplog.at_level("INFO", logger="train"), threadpool_limits(limits=None):  # restores the pools on exit
             plan = use_rank_threads(1)
             assert torch.get_num_threads() == 1 and plan.source == "train.threads"
-            assert {i["num_threads"] for i in threadpool_info()} == {1}
+            assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {1}
         assert "1 torch thread(s) per rank (train.threads)" in caplog.text
     finally:
         torch.set_num_threads(before)
@@ -78,7 +78,8 @@ class _ThreadsSeen(IterableDataset):
                signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)
 
 
-def test_loader_workers_get_one_torch_and_one_blas_thread_and_ignore_stop_signals():
+def test_loader_workers_get_one_thread_in_every_pool_and_ignore_stop_signals():
+    import pyresample  # noqa: F401 - a second OpenMP runtime (pykdtree's), as in a rank that built features
     with threadpool_limits(2):  # the rank's pools, which a forked worker inherits
         loader = DataLoader(_ThreadsSeen(), batch_size=None, num_workers=1, worker_init_fn=init_loader_worker,
                             multiprocessing_context="fork")
