@@ -199,9 +199,11 @@ def goals(rows: list[dict]) -> dict[str, bool | None]:
     """The goals on the model's default chunk; None where this run did not measure the case."""
     model = [r for r in rows if r["case"] == MODEL_CASE]
     target = [r for r in model if r["dims"] == "reference" and r["n"] == 8192]
+    memory = {dims: [r for r in model if r["dims"] == dims] for dims in DIMS}
     return {
         "reference_8192_time_le_1.3x_plain": all(r["time_vs_plain"] <= 1.3 for r in target) if target else None,
-        "peak_extra_le_1.25x_plain": all(r["peak_vs_plain"] <= 1.25 for r in model) if model else None,
+        **{f"{dims}_peak_extra_le_1.25x_plain": all(r["peak_vs_plain"] <= 1.25 for r in rows) if rows else None
+           for dims, rows in memory.items()},
     }
 
 
