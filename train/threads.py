@@ -7,8 +7,8 @@ second leaves most cores of a 64-core HPC node idle. The cores a process owns ar
 mask (srun's binding, taskset, a cgroup cpuset), capped by SLURM_CPUS_PER_TASK when SLURM gives one;
 torchrun's LOCAL_WORLD_SIZE ranks on the node share them evenly. The BLAS pools numpy and scipy load
 (OpenBLAS starts one thread per core of the machine, like torch) get the same limit through threadpoolctl.
-Loader workers get one torch and one BLAS thread each: they only read, check and decode shards, so a
-worker's core is mostly idle and the rank keeps its full share.
+Loader workers get one thread in every pool (torch, BLAS, OpenMP): they only read, check and decode
+shards, so a worker's core is mostly idle and the rank keeps its full share.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ def use_rank_threads(requested: int | None) -> ThreadPlan:
     threadpool_limits(plan.rank_threads, user_api="blas")  # OpenMP is torch's, set just above
     log.info("threads: %s", plan.describe())
     return plan
-
 
 
 def init_loader_worker(worker_id: int) -> None:
