@@ -17,6 +17,7 @@ init / load / finalise), after every source was checked (`pipeline.sources.descr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import logging
 import os
@@ -38,7 +39,7 @@ from pipeline.records import Provenance, StoreRecord
 from pipeline.sources import SourceSummary, describe_sources, read_block
 from pipeline.sources.plan import SourcePlan
 from pipeline.sources.read import check_finite
-from pipeline.statistics import N_MOMENTS, ChangePlan, block_moments, grid_moments, layer_sums, merge_moments
+from pipeline.statistics import N_MOMENTS, ChangePlan, grid_moments, layer_moments, merge_moments, pool_moments
 from pipeline.store import PROGRESS_GROUP, consolidate, encodings, partial_path, read_record, template
 from topoflow.config import add_override_argument, config_hash
 from topoflow.errors import SourceError, StoreError
@@ -49,6 +50,7 @@ from topoflow.progress import progress_bar
 log = logging.getLogger("pipeline")
 LAYOUT_KEYS = ("time_chunk", "zarr_format", "compressor", "compressor_level")  # build settings that change bytes
 KEPT = "then rerun build (finished blocks are kept)"
+CHANGE_FRAMES = "change_frames"  # the progress group's array of target frames behind the change spread
 _TORN_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
@@ -111,7 +113,7 @@ def _progress_group(path: Path, record: StoreRecord, cfg: PipelineConfig, n_time
     progress.create_array("moments", shape=(n_blocks, n_vars, N_MOMENTS), chunks=(1, n_vars, N_MOMENTS),
                           dtype="float64", fill_value=np.nan, **flat)
     shape = change_plan(record, cfg).storage(n_blocks, len(record.targets), record.layout.grid)
-    progress.create_array("change_frames", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=np.nan,
+    progress.create_array(CHANGE_FRAMES, shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=np.nan,
                           compressors=None, **flat)  # temporary: uncompressed, a block wrote its frames in 16 ms, not 27
 
 
@@ -124,7 +126,8 @@ def init(path: Path, record: StoreRecord, statics: Statics, cfg: PipelineConfig)
     ds = template(record, times, statics, cfg.build.time_chunk)
     try:
         with writing(path, "then rerun build"):
-            ds.to_zarr(tmp, mode="w", compute=False, encoding=encodings(ds, cfg.build),
+            encoding = {name: {**ds[name].encoding, **codec} for name, codec in encodings(ds, cfg.build).items()}
+            ds.to_zarr(tmp, mode="w", compute=False, encoding=encoding,
                        zarr_format=cfg.build.zarr_format, consolidated=False)
             _progress_group(tmp, record, cfg, len(times))
             os.rename(tmp, path)
@@ -142,22 +145,33 @@ def _read(sources: SourcePlan, times: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return fields, valid
 
 
-def write_regions(path: str, block: Block, plan: ChangePlan, start: int) -> None:
-    """Region writes of one block into the template: every time output at [start, start + steps), and the
-    block's change frames into its chunk of the progress group.
+@functools.lru_cache(maxsize=4)
+def _block_arrays(path: str, stamp: tuple[int, int]) -> dict[str, zarr.Array]:
+    """The arrays block tasks write, opened once per worker process and store (`stamp`: the store directory's
+    inode and mtime, which init's rename sets and block writes leave alone): opening the group and its eight
+    arrays again cost 3 ms a block.
 
     Chunks are written even where they hold only the fill value (`write_empty_chunks`): zarr's check for
     that scans every chunk, 3.5 ms of the 41 ms a 24 x 11 x 128 x 256 `fields` block took to write
     (measured); such a chunk (a block of gaps, a day of sector 0) reads back the same either way.
     """
+    group = zarr.open_group(path, mode="r+")
+    arrays = {out.name: group[out.name].with_config({"write_empty_chunks": True}) for out in TIME_OUTPUTS}
+    return {**arrays, CHANGE_FRAMES: group[PROGRESS_GROUP][CHANGE_FRAMES]}
+
+
+def write_regions(path: str, block: Block, plan: ChangePlan, start: int) -> None:
+    """Region writes of one block into the template: every time output at [start, start + steps), and the
+    block's change frames into its chunk of the progress group."""
     stop = start + len(block.valid)
     steps = plan.block_frames(start, stop)
     with writing(path, KEPT):
-        group = zarr.open_group(path, mode="r+")
+        stat = os.stat(path)
+        arrays = _block_arrays(path, (stat.st_ino, stat.st_mtime_ns))
         for out in TIME_OUTPUTS:
-            group[out.name].with_config({"write_empty_chunks": True})[start:stop] = block.output(out.name)
+            arrays[out.name][start:stop] = block.output(out.name)
         if len(steps):  # thinned before the targets are picked: 0.5 ms, not 1.9 (22 frames, 128 x 256)
-            group[PROGRESS_GROUP]["change_frames"][start // plan.block, :len(steps)] = \
+            arrays[CHANGE_FRAMES][start // plan.block, :len(steps)] = \
                 plan.thin(block.fields)[steps - start][:, block.record.target_index]
 
 
@@ -167,15 +181,13 @@ def build_block(sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path
     frames, return its train moments."""
     times = sources.data.times().values[start:stop]
     fields, valid = _read(sources, times)
-    sums = layer_sums(fields)
+    layers = layer_moments(fields)
     names = [f"{v.name!r} (from {v.recipe_name!r})" for v in sources.data.variables if v.kind == "dynamic"]
-    check_finite(sums[valid], names, times[valid])
+    check_finite(layers[valid, :, 0] == np.prod(fields.shape[2:]), names, times[valid])
     write_regions(path, Block(record, fields, valid), plan, start)
     train = record.splits["train"]
     in_train = valid & (times >= np.datetime64(train.start)) & (times <= np.datetime64(train.end))
-    if in_train.all():  # no copy of the block in the usual case
-        return block_moments(fields, sums)
-    return block_moments(fields[in_train], sums[in_train])
+    return pool_moments(layers[in_train])
 
 
 def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePlan, scheduler: str | None,
@@ -224,7 +236,7 @@ def finalise(path: Path, final: Path, record: StoreRecord, cfg: PipelineConfig) 
     group["stats_mean"][:], group["stats_std"][:] = mean, std
     group["static_mean"][:], group["static_std"][:] = grid_moments(group["static"][:])
     plan = change_plan(record, cfg)
-    change, pairs = plan.spread(plan.gather(group[PROGRESS_GROUP]["change_frames"][:]))
+    change, pairs = plan.spread(plan.gather(group[PROGRESS_GROUP][CHANGE_FRAMES][:]))
     done = record.model_copy(update={"build_state": "complete", "change_pairs": pairs,
                                      "change_std": [[None if np.isnan(v) else float(v) for v in row] for row in change]})
     group.attrs.put(done.model_dump(mode="json"))

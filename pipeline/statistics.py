@@ -26,45 +26,56 @@ MAX_INPUTS = 128  # input steps behind the change spread (frames <= 5 x 128 x 6 
 MAX_CELLS = 2048  # cells per saved target frame (the reference 128x256 grid: every 4th cell, 1 degree apart)
 
 
-def _sum_sq(d: np.ndarray) -> float:
-    """Sum of squares without a squared temporary (einsum is ~3x faster than np.square(d).sum())."""
-    return float(np.einsum("ij,ij->", d, d))
+SLAB_CELLS = 1 << 17  # float64 cells per pass of layer_moments (1 MiB): a slab is centred and squared in cache
 
 
-def layer_sums(x: np.ndarray) -> np.ndarray:
-    """(t, V, H, W) -> (t, V) float64 sum of each layer: one pass that serves the finite check and the mean."""
-    return x.reshape(*x.shape[:2], int(np.prod(x.shape[2:]))).sum(axis=-1, dtype=np.float64)
+def layer_moments(x: np.ndarray) -> np.ndarray:
+    """(t, V, H, W) -> (t, V, 3) [count, mean, M2] of each layer in float64, ignoring NaN/inf.
 
-
-def block_moments(x: np.ndarray, sums: np.ndarray | None = None) -> np.ndarray:
-    """(t, V, H, W) -> (V, 3) [count, mean, M2] per variable in float64, ignoring NaN/inf.
-
-    `sums` (`layer_sums(x)`, when the caller has them) saves the first of the two passes.
+    One pass over x: each slab of layers is converted to float64 once, then summed, centred and squared
+    while it sits in the CPU cache (1.8x faster than a sum pass plus a squared-deviation pass per
+    variable, measured at 24 x 11 x 128 x 256). A layer's count is H*W exactly when every cell is
+    finite, so the build's finite check needs no pass of its own.
     """
-    flat = x.reshape(*x.shape[:2], int(np.prod(x.shape[2:])))
-    total = (layer_sums(x) if sums is None else sums).sum(axis=0)
-    if np.isfinite(total).all():  # the usual case: float64 accumulation straight from float32, no masks
-        count = np.full(x.shape[1], flat.shape[0] * flat.shape[2], dtype=np.float64)
-        mean = total / np.maximum(count, 1)
-        m2 = np.array([_sum_sq(flat[:, i].astype(np.float64) - mean[i]) for i in range(x.shape[1])])
-    else:
-        flat = np.where(np.isfinite(flat), flat.astype(np.float64), np.nan)
-        count = np.isfinite(flat).sum(axis=(0, 2)).astype(np.float64)
-        mean = np.divide(np.nansum(flat, axis=(0, 2)), count, out=np.zeros_like(count), where=count > 0)
-        m2 = np.nansum((flat - mean[None, :, None]) ** 2, axis=(0, 2))
-    return np.stack([count, mean, m2], axis=-1)
+    t, v = x.shape[:2]
+    flat = x.reshape(t * v, -1)
+    n = flat.shape[1]
+    out = np.empty((t * v, 3))
+    out[:, 0] = n
+    rows = max(1, SLAB_CELLS // max(n, 1))
+    for r in range(0, t * v, rows):
+        slab = flat[r:r + rows].astype(np.float64)
+        mean = slab.sum(axis=1) / max(n, 1)
+        slab -= mean[:, None]
+        out[r:r + rows, 1], out[r:r + rows, 2] = mean, np.einsum("ij,ij->i", slab, slab)
+    for r in np.flatnonzero(~np.isfinite(out[:, 1:]).all(axis=1)):  # missing cells: moments of those present
+        kept = flat[r][np.isfinite(flat[r])].astype(np.float64)
+        mean = kept.mean() if len(kept) else 0.0
+        out[r] = len(kept), mean, np.square(kept - mean).sum()
+    return out.reshape(t, v, 3)
+
+
+def pool_moments(moments: np.ndarray) -> np.ndarray:
+    """(k, V, 3) [count, mean, M2] of k parts -> (V, 3) of their union, exactly (Chan et al. 1979):
+    M2 = sum(M2_k + n_k (mean_k - mean)^2). A variable with no values pools to [0, 0, 0]."""
+    n, mean, m2 = np.moveaxis(np.asarray(moments, np.float64), -1, 0)
+    total = n.sum(axis=0)
+    pooled = np.divide((n * mean).sum(axis=0), total, out=np.zeros_like(total), where=total > 0)
+    return np.stack([total, pooled, (m2 + n * (mean - pooled) ** 2).sum(axis=0)], axis=-1)
+
+
+def block_moments(x: np.ndarray) -> np.ndarray:
+    """(t, V, H, W) -> (V, 3) [count, mean, M2] per variable in float64, ignoring NaN/inf."""
+    return pool_moments(layer_moments(x))
 
 
 def merge_moments(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(blocks, V, 3) per-block [count, mean, M2] -> pooled float64 mean and population std per variable.
-
-    Exact pooled formula (Chan et al. 1979): M2 = sum(M2_b + n_b (mean_b - mean)^2).
-    """
-    n, m, m2 = np.moveaxis(moments.astype(np.float64), -1, 0)
-    total = n.sum(axis=0)
-    mean = (n * m).sum(axis=0) / total
-    pooled = (m2 + n * (m - mean) ** 2).sum(axis=0)
-    return mean, np.sqrt(pooled / total)
+    """(blocks, V, 3) per-block [count, mean, M2] -> pooled float64 mean and population std per variable
+    (NaN for a variable with no values at all)."""
+    total, mean, m2 = np.moveaxis(pool_moments(moments), -1, 0)
+    empty = total == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(empty, np.nan, mean), np.sqrt(m2 / total)
 
 
 def grid_moments(layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

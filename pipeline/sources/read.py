@@ -72,8 +72,10 @@ def _read_positions(catalog: Catalog, name: str, positions: np.ndarray) -> np.nd
 
 
 def _fill(values: np.ndarray, catalog: Catalog, name: str) -> np.ndarray:
+    if catalog.source.fill is None:  # no pass over the values (3 ms of a 24 x 11 x 128 x 256 block)
+        return values
     missing = ~np.isfinite(values)
-    if catalog.source.fill is not None and missing.any():
+    if missing.any():
         log.info("source %s: %d missing cell(s) of %s set to %g (fill)", catalog.source.name, int(missing.sum()),
                  name, catalog.source.fill)
         values = np.where(missing, np.float32(catalog.source.fill), values)
@@ -143,15 +145,14 @@ def read_block(plan: SourcePlan, times: np.ndarray) -> tuple[np.ndarray, np.ndar
     return fields, valid, filled & valid
 
 
-def check_finite(sums: np.ndarray, names: list[str], times: np.ndarray) -> None:
+def check_finite(complete: np.ndarray, names: list[str], times: np.ndarray) -> None:
     """Raise naming the first variable and time holding NaN/inf (missing values) on a valid step.
 
-    `sums` are float64 sums of each (time, variable) layer: a float64 sum of float32 cells is finite
-    exactly when every cell is, so the check needs no pass of its own (`statistics.layer_sums`).
+    `complete` (t, V) says which layers have every cell finite (the build reads it off the layer
+    counts of `statistics.layer_moments`, so the check needs no pass of its own).
     """
-    bad = ~np.isfinite(sums)
-    if bad.any():
-        t, var = np.argwhere(bad)[0]  # rows in time order: the first bad time, then its first variable
+    if not complete.all():
+        t, var = np.argwhere(~complete)[0]  # rows in time order: the first bad time, then its first variable
         raise SourceError(f"variable {names[var]} has missing values (NaN/inf) on the target grid, first at "
                           f"{np.datetime_as_string(times[t], 'm')}: fill the gap in that source's files, set its "
                           "`fill`, or trim data.splits to exclude the time")
