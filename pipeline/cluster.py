@@ -4,10 +4,11 @@ Worker processes, not threads: HDF5 (NetCDF-4) serialises reads across the threa
 so a build only speeds up with more cores when each core is its own process. The defaults are one
 single-threaded worker process per core, and one process per core of each SLURM job.
 
-LocalCluster workers keep glibc's default malloc: distributed starts workers with
-MALLOC_TRIM_THRESHOLD_=65536, which also switches off glibc's dynamic mmap threshold, so every block-sized
-array is mmap'd and page-faulted in afresh; a build task took 1.6x as long with it (300 vs 190 ms per
-128x256x24-step block, measured in one process with and without the variable).
+Every worker (local, SLURM or an existing scheduler's) keeps the memory of freed block arrays for the next
+block (`keep_freed_memory`): by default glibc hands arrays over 32 MiB (a 24-step block of 11 variables at
+128x256 is 35 MiB) and, in Dask's worker processes, many smaller ones straight back to the kernel, and the
+next block faults every page in afresh. Measured on a 480-step 128x256 build on 2 workers: 11,000 -> 1,100
+page faults per block, kernel time 2.45 -> 1.57 s, build / plain copy 1.46x -> 1.11x (one run, side by side).
 
 On SLURM a build never waits forever for workers that will not come: a failed sbatch is reported at
 once with SLURM's answer and the job script, and no worker within `build.slurm.wait_timeout_s` is an
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -44,13 +46,34 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often the wait for the first SLURM worker looks for failed submissions
 
 
-class BloscThreadsOff(WorkerPlugin):
-    """Blosc's own thread pool fights Dask's worker processes for cores; Dask already parallelises blocks."""
+KEPT_FREED_BYTES = 256 << 20  # glibc keeps up to this much freed memory per arena, and mmaps only larger arrays
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
-    name = "blosc-threads-off"
+
+def keep_freed_memory(limit: int = KEPT_FREED_BYTES) -> bool:
+    """Make glibc's malloc keep freed memory up to `limit` bytes and serve arrays up to that size from it,
+    instead of returning them to the kernel and page-faulting them in again for the next block; False
+    where the C library has no mallopt (not glibc), which changes nothing else.
+
+    Set at run time (mallopt), so it holds on every kind of worker, and over distributed's default
+    MALLOC_TRIM_THRESHOLD_=65536 in its worker processes' environment.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
+
+
+class BuildWorkerSetup(WorkerPlugin):
+    """Per build worker: Blosc's own thread pool off (it fights Dask's worker processes for cores; Dask
+    already runs blocks in parallel), and freed block memory kept for the next block (`keep_freed_memory`)."""
+
+    name = "topoflow-build-worker"
 
     def setup(self, worker) -> None:  # noqa: ANN001 - distributed passes its Worker
         numcodecs.blosc.use_threads = False
+        keep_freed_memory()
 
 
 class WatchedSLURMJob(SLURMJob):
@@ -227,10 +250,9 @@ def dask_client(build: BuildConfig, scheduler: str | None = None, scheduler_file
         elif build.cluster == "slurm":
             client = stack.enter_context(slurm_client(build.slurm))
         else:
-            stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}))
             cluster = stack.enter_context(LocalCluster(
                 n_workers=build.n_workers, threads_per_worker=build.threads_per_worker, processes=build.processes,
                 memory_limit=build.memory_limit, dashboard_address=None, silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster))
-        client.register_plugin(BloscThreadsOff())
+        client.register_plugin(BuildWorkerSetup())
         yield client

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pint_xarray  # noqa: F401 - registers ds.pint
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import xarray as xr
 import zarr
 
@@ -214,6 +216,38 @@ def test_merged_moments_are_nan_aware():
     mean, std = merge_moments(np.concatenate(parts))
     np.testing.assert_allclose(mean, np.nanmean(x, axis=(0, 2, 3)), rtol=1e-12)
     np.testing.assert_allclose(std, np.nanstd(x, axis=(0, 2, 3)), rtol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), cuts=st.lists(st.integers(1, 11), max_size=3, unique=True),
+       holes=st.integers(0, 40), empty_variable=st.booleans())
+def test_block_moments_pool_to_the_moments_of_the_whole(seed, cuts, holes, empty_variable):
+    """Blocks cut anywhere, cells missing anywhere, a variable with no value at all (its mean is NaN)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(1e5, 500.0, size=(12, 3, 5, 7)).astype(np.float32)  # pressure-like: large mean, small spread
+    x.reshape(-1)[rng.choice(x.size, holes, replace=False)] = np.nan
+    if empty_variable:
+        x[:, 2] = np.nan
+    edges = [0, *sorted(cuts), 12]
+    mean, std = merge_moments(np.stack([block_moments(x[a:b]) for a, b in zip(edges, edges[1:])]))
+    kept = x[:, :2].astype(np.float64)
+    np.testing.assert_allclose(mean[:2], np.nanmean(kept, axis=(0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(std[:2], np.nanstd(kept, axis=(0, 2, 3)), rtol=1e-9)
+    assert np.isnan(mean[2]) == empty_variable and np.isnan(std[2]) == empty_variable
+
+
+def test_a_rebuild_at_the_same_path_in_one_process_writes_the_new_layout(tmp_path, built):
+    """Block tasks keep their arrays open per store; a rebuild (another period, so other shapes) at the same
+    path in the same process must not write through the old handles."""
+    cfg = in_process(tmp_path)
+    build_features(cfg, progress=False)
+    shorter = load_pipeline_config(tmp_path / "tiny.yaml", ["data.splits.test.end=2018-01-05T21:00"])
+    build_features(shorter, overwrite=True, progress=False)
+    fresh = shorter.model_copy(deep=True)
+    fresh.data.store = tmp_path / "fresh.zarr"
+    build_features(fresh, progress=False)
+    assert xr.open_zarr(shorter.data.store).sizes["time"] == 40
+    assert_same_store(shorter.data.store, fresh.data.store)
 
 
 def test_resume_after_failure_equals_uninterrupted(tmp_path, built, monkeypatch):

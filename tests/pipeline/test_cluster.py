@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,21 @@ from topoflow.errors import ConfigError
 
 SBATCH_ERROR = "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified"
 REPO = Path(__file__).resolve().parents[2]
+FAULTS = """
+import resource, sys, threading
+import numpy as np
+from pipeline.cluster import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def blocks():  # like build tasks in a worker thread: a 35 MiB block and a 3 MiB variable, ten times over
+    start = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(10):
+        block, variable = np.ones((35 << 20) // 8), np.ones((3 << 20) // 8)
+        del block, variable
+    print(kept, resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - start)
+worker = threading.Thread(target=blocks)
+worker.start()
+worker.join()
+"""
 RECORD_SCANCEL = 'echo "$1" >> "$(dirname "$0")/cancelled"\n'
 KILL_JOB = 'kill -- -"$1" 2>/dev/null || true\n'  # the fake job id is the job's process group
 
@@ -287,3 +304,13 @@ def test_failed_resubmission_is_logged_once(local_slurm, caplog):
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("resubmitting SLURM job BuildSLURMCluster-0 failed, the build goes on with fewer")
     assert "QOSMaxSubmitJobPerUserLimit" in warnings[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, Linux's per-thread fault counts")
+def test_workers_keep_freed_block_memory_instead_of_faulting_it_in_again():
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}  # as distributed starts workers
+    runs = {mode: subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, capture_output=True, text=True,
+                                 check=True).stdout.split() for mode in ("keep", "default")}
+    assert runs["keep"][0] == "True"
+    kept, default = int(runs["keep"][1]), int(runs["default"][1])
+    assert default > 4 * kept, f"page faults: {kept} keeping freed memory, {default} without"

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.scan import scan_orders, snap_sector
+from pipeline.scan import mean_wind, orders_from_sectors, patch_mean, region_wind_sums, scan_orders, snap_sector
 
 
 def reference_orders(u, v, patch_size, regions, sectors=16, calm=0.5):
@@ -151,3 +151,46 @@ def test_none_mode_is_identity():
     order, sector = scan_orders(u, v, 2, (2, 2), mode="none")
     np.testing.assert_array_equal(order, np.tile(np.arange(32), (2, 1)))
     assert (sector == -1).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), p=st.integers(1, 4), lead=st.integers(1, 3),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_patch_mean_is_the_mean_of_each_patch(seed, p, lead, dtype):
+    a = np.random.default_rng(seed).normal(5.0, 3.0, size=(lead, 3 * p, 4 * p)).astype(np.float32)
+    want = a.astype(np.float64).reshape(lead, 3, p, 4, p).mean(axis=(2, 4)).reshape(lead, 12)
+    got = patch_mean(a, p, dtype)
+    assert got.dtype == dtype and got.shape == (lead, 12)
+    np.testing.assert_allclose(got, want, rtol=1e-6 if dtype is np.float32 else 1e-13, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), regions=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       cells=st.tuples(st.integers(1, 4), st.integers(1, 5)))
+def test_wind_sums_give_the_weighted_mean_of_every_region_and_of_the_domain(seed, regions, cells):
+    """The build's global sector adds up the regional sums; both means equal sum(|w| w) / sum(|w|)."""
+    h, w = regions[0] * cells[0], regions[1] * cells[1]
+    u, v = random_wind(seed, (3, h, w), 5.0)
+
+    def direct(uu, vv):
+        uu, vv = uu.astype(np.float64), vv.astype(np.float64)
+        speed = np.sqrt(uu**2 + vv**2)
+        return (speed * uu).sum(axis=(-2, -1)) / speed.sum(axis=(-2, -1)), \
+            (speed * vv).sum(axis=(-2, -1)) / speed.sum(axis=(-2, -1))
+
+    sums = region_wind_sums(u, v, cells)
+    um, vm = mean_wind(*sums)
+    for r in range(regions[0]):
+        for c in range(regions[1]):
+            part = (slice(None), slice(r * cells[0], (r + 1) * cells[0]), slice(c * cells[1], (c + 1) * cells[1]))
+            np.testing.assert_allclose((um[:, r, c], vm[:, r, c]), direct(u[part], v[part]), rtol=1e-12, atol=1e-12)
+    whole = mean_wind(*(s.sum(axis=(-2, -1)) for s in sums))
+    np.testing.assert_allclose(whole, direct(u, v), rtol=1e-12, atol=1e-12)
+
+
+def test_orders_are_fresh_arrays_not_views_of_the_cached_tables():
+    sectors = np.array([[-1, 3, 7, 15]], dtype=np.int8)
+    first = orders_from_sectors(sectors, (4, 4), (2, 2), 16)
+    first[:] = 0
+    again = orders_from_sectors(sectors, (4, 4), (2, 2), 16)
+    assert sorted(again[0].tolist()) == list(range(16)) and again.flags.writeable
