@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import multiprocessing
 import os
 import textwrap
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import dask
 import numcodecs.blosc
+import zarr
 from dask.utils import parse_timedelta
 from dask_jobqueue import SLURMCluster
 from dask_jobqueue.slurm import SLURMJob
@@ -66,14 +68,18 @@ def keep_freed_memory(limit: int = KEPT_FREED_BYTES) -> bool:
 
 
 class BuildWorkerSetup(WorkerPlugin):
-    """Per build worker: Blosc's own thread pool off (it fights Dask's worker processes for cores; Dask
-    already runs blocks in parallel), and freed block memory kept for the next block (`keep_freed_memory`)."""
+    """Per build worker: Blosc's own thread pool off; in a worker process of its own, Zarr's pool (compression,
+    file writes) as large as the worker's Dask threads, so N single-threaded worker processes use N cores
+    rather than N x (cores + 4) threads (Zarr's default; it applies where the process has not used Zarr yet);
+    and freed block memory kept for the next block (`keep_freed_memory`)."""
 
     name = "topoflow-build-worker"
 
     def setup(self, worker) -> None:  # noqa: ANN001 - distributed passes its Worker
         numcodecs.blosc.use_threads = False
         keep_freed_memory()
+        if multiprocessing.parent_process() is not None:  # a process of its own (a Nanny's), not the client's
+            zarr.config.set({"threading.max_workers": worker.state.nthreads})
 
 
 class WatchedSLURMJob(SLURMJob):
