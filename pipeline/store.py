@@ -26,7 +26,7 @@ from pipeline.features import FINAL_OUTPUTS, OUTPUTS, STATIC_OUTPUTS, TIME_OUTPU
 from pipeline.records import StoreRecord, VariableRecord
 from topoflow.errors import StoreError
 
-PROGRESS_GROUP = "build_progress"  # per-block done flags and moments; removed when the build completes
+PROGRESS_GROUP = "build_progress"  # per-block moments (= done flags) and change frames; removed when complete
 
 
 def partial_path(store: str | Path) -> Path:
