@@ -65,8 +65,8 @@ def template(record: StoreRecord, times: np.ndarray, statics: Statics, time_chun
     (to_zarr(compute=False) writes their metadata only).
 
     Each lazy array is ONE dask chunk and its Zarr chunks are its `encoding["chunks"]`: dask chunks equal to the
-    Zarr chunks made a graph of blocks x arrays tasks that to_zarr built and threw away (0.1 s of a 480-step
-    build's init; seconds for years of hourly data)."""
+    Zarr chunks made a graph of blocks x arrays tasks that to_zarr built and threw away (11 arrays at 128x256:
+    0.14 s for 480 hourly steps, 3.0 s for six years; 0.03 s as one chunk each, measured)."""
     coords = coordinates(record, times)
     sizes = {"time": len(times), "var": len(record.names("dynamic")), "static_var": len(record.names("static")),
              "lat": record.domain.n_lat, "lon": record.domain.n_lon, "token": record.layout.n_tokens,
