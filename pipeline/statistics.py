@@ -33,8 +33,8 @@ def layer_moments(x: np.ndarray) -> np.ndarray:
     """(t, V, H, W) -> (t, V, 3) [count, mean, M2] of each layer in float64, ignoring NaN/inf.
 
     One pass over x: each slab of layers is converted to float64 once, then summed, centred and squared
-    while it sits in the CPU cache (1.8x faster than a sum pass plus a squared-deviation pass per
-    variable, measured at 24 x 11 x 128 x 256). A layer's count is H*W exactly when every cell is
+    while it sits in the CPU cache (6.8 ms against 9.0 ms for a sum pass plus a squared-deviation pass
+    per variable, measured at 24 x 11 x 128 x 256). A layer's count is H*W exactly when every cell is
     finite, so the build's finite check needs no pass of its own.
     """
     t, v = x.shape[:2]
