@@ -161,6 +161,14 @@ def settle(path: Path | str) -> None:
     os.sync()
 
 
+def timed_copy(cfg: PipelineConfig, target: Path) -> float:
+    """Seconds of one plain copy into `target` (deleting the previous copy is not timed)."""
+    settle(target)
+    t0 = time.perf_counter()
+    plain_copy(cfg, target)
+    return time.perf_counter() - t0
+
+
 def timed_build(cfg: PipelineConfig, client: Client) -> float:
     """Seconds of one build from scratch on `client`'s cluster (deleting the previous store is not timed)."""
     settle(cfg.data.store)
@@ -193,13 +201,9 @@ def time_build_and_copy(cfg: PipelineConfig, workdir: Path, repeats: int, fresh_
             run = cfg.model_copy(deep=True)
             run.data.store = folder / "features.zarr" if fresh_folders else cfg.data.store
             for name in runs:
-                settle(folder / "copy.zarr" if name == "copy" else run.data.store)
-                cpu, t0 = worker_cpu_s(workers), time.perf_counter()
-                if name == "copy":
-                    plain_copy(run, folder / "copy.zarr")
-                else:
-                    build_features(run, scheduler=client.scheduler.address, progress=False)
-                runs[name].append((time.perf_counter() - t0, *(worker_cpu_s(workers) - cpu)))
+                cpu = worker_cpu_s(workers)
+                wall = timed_copy(run, folder / "copy.zarr") if name == "copy" else timed_build(run, client)
+                runs[name].append((wall, *(worker_cpu_s(workers) - cpu)))
             print(f"repeat {r}: copy {runs['copy'][-1][0]:.2f} s, build {runs['build'][-1][0]:.2f} s")
     median = {name: np.median(np.array(rows), axis=0) for name, rows in runs.items()}  # wall, user, system
     steps = len(cfg.data.times())
@@ -223,12 +227,8 @@ def filesystem(path: Path) -> str:
 
 
 def memory_workdir(need_bytes: int) -> Path:
-    """A scratch folder on the memory filesystem (/dev/shm) when it has room, else in the default temp folder.
-
-    In memory the comparison measures the pipeline's own work; on this VM's ext4 disk the kernel's file
-    creation dominates and varies up to 2x between repeats (perf: ext4's scan past recently deleted inodes,
-    after the previous run's store was removed, took 12% of all samples), so the disk figure is kept apart.
-    """
+    """A scratch folder on the memory filesystem (/dev/shm) when it has room, else in the default temp folder:
+    in memory the figures measure the pipeline's own work, not the disk's (`time_outputs_on_disk` has that)."""
     shm = Path("/dev/shm")
     if shm.is_dir() and shutil.disk_usage(shm).free > need_bytes:
         return Path(tempfile.mkdtemp(prefix="bench_pipeline_", dir=shm))
