@@ -191,6 +191,13 @@ def build_block(sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path
     return pool_moments(layers[in_train])
 
 
+def _task_argument(value: object) -> object:
+    """A task whose result is `value`: block tasks share it as a dependency, so it is pickled and sent once
+    per worker, not once per block, and unlike scattered data the scheduler recomputes it if every worker
+    holding it left (SLURM jobs ending)."""
+    return value
+
+
 def finished_blocks(moments: np.ndarray) -> np.ndarray:
     """(blocks,) True where the progress group holds a block's moments (`_progress_group`)."""
     return ~np.isnan(moments[:, 0, 0])
@@ -213,7 +220,8 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePl
     errors: dict[int, BaseException] = {}
     plan = change_plan(record, cfg)
     with dask_client(cfg.build, scheduler, scheduler_file) as client:
-        futures = {client.submit(build_block, sources, record, plan, str(path), i * chunk, min((i + 1) * chunk, n_times),
+        shared = [client.submit(_task_argument, arg, pure=False) for arg in (sources, record, plan)]
+        futures = {client.submit(build_block, *shared, str(path), i * chunk, min((i + 1) * chunk, n_times),
                                  key=f"build-block-{i}-{os.getpid()}", pure=False): i for i in todo}
         with progress_bar(n_blocks, initial=n_blocks - len(todo), unit="block", desc="build", log=log,
                           enabled=progress) as bar:
