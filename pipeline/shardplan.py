@@ -54,9 +54,14 @@ def to_runs(positions: Sequence[int]) -> Runs:
     return runs
 
 
+def targets_of(position: int, steps: Sequence[int], n_times: int) -> set[int]:
+    """The target positions of the sample at `position` that lie inside the split (the others have no frame)."""
+    return {position + s for s in steps if position + s < n_times}
+
+
 def frames_of(samples: Sequence[int], steps: Sequence[int], n_times: int) -> list[int]:
     """The frames a shard with these samples holds: the samples and their targets inside the split."""
-    return sorted({*samples, *(p + s for p in samples for s in steps if p + s < n_times)})
+    return sorted(set(samples).union(*(targets_of(p, steps, n_times) for p in samples)))
 
 
 def member_bytes(length: int) -> int:
@@ -92,7 +97,7 @@ def cut_shards(samples: Sequence[int], steps: Sequence[int], n_times: int, max_c
             current, frames, size = [], set(), 0
             grow = _growth(p, steps, n_times, frames, sizes)
         current.append(p)
-        frames.update([p, *(p + s for s in steps if p + s < n_times)])
+        frames |= {p, *targets_of(p, steps, n_times)}
         size += grow
     if current:
         spans.append(ShardSpan(samples=to_runs(current), frames=to_runs(sorted(frames))))
@@ -102,5 +107,5 @@ def cut_shards(samples: Sequence[int], steps: Sequence[int], n_times: int, max_c
 def _growth(p: int, steps: Sequence[int], n_times: int, frames: set[int], sizes: FrameBytes) -> int:
     """Bytes a shard holding `frames` grows by when sample `p` joins it (p's target-only frame, if it had
     one, becomes its input frame; targets not yet held join as target-only frames)."""
-    new_targets = {p + s for s in steps if p + s < n_times} - frames
+    new_targets = targets_of(p, steps, n_times) - frames
     return sizes.input - (sizes.target if p in frames else 0) + len(new_targets) * sizes.target
