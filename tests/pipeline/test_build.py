@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 import xarray as xr
 import zarr
 
+from distributed import Future
+
 from pipeline import build
 from pipeline.build import build_features
 from pipeline.cluster import slurm_cluster
@@ -268,7 +270,7 @@ def test_resume_after_failure_equals_uninterrupted(tmp_path, built, monkeypatch)
     partial = partial_path(cfg.data.store)
     assert not Path(cfg.data.store).exists()
     assert read_record(partial).build_state == "building"
-    done = build.finished_blocks(zarr.open_group(str(partial / PROGRESS_GROUP))["moments"][:])
+    done = build.finished_blocks(zarr.open_group(str(partial / PROGRESS_GROUP))[build.MOMENTS][:])
     assert done[:2].all() and not done[2:].any()
     with pytest.raises(StoreError, match="resume"):
         open_features(cfg.data.store)
@@ -280,6 +282,28 @@ def test_resume_after_failure_equals_uninterrupted(tmp_path, built, monkeypatch)
     assert_same_store(cfg.data.store, built.data.store)
     for p, mtime in finished.items():  # blocks finished before the failure were not rewritten
         assert (Path(cfg.data.store) / p.relative_to(partial)).stat().st_mtime_ns == mtime
+
+
+def test_each_block_task_records_its_own_moments_and_the_main_process_fetches_nothing(tmp_path, monkeypatch):
+    """The main process only counts finished futures: a worker's result fetched over the network would
+    need a connection from it to every worker (a login node behind a firewall may have none)."""
+    cfg = in_process(tmp_path)
+    monkeypatch.setattr(Future, "result", lambda *a, **k: pytest.fail("the main process fetched a block's result"))
+    monkeypatch.setattr(build, "finalise", lambda *a, **k: None)  # keep the progress group to look at
+    build_features(cfg, progress=False)
+    partial = partial_path(cfg.data.store)
+    moments = zarr.open_group(str(partial / PROGRESS_GROUP))[build.MOMENTS][:]
+    assert build.finished_blocks(moments).all()
+    ds, record = xr.open_zarr(partial, consolidated=False), read_record(partial)
+    train = ds["time"].values <= np.datetime64(record.splits["train"].end)
+    fields = ds["fields"].values
+    for i, start in enumerate(range(0, ds.sizes["time"], cfg.build.time_chunk)):
+        kept = fields[start:start + cfg.build.time_chunk][train[start:start + cfg.build.time_chunk]]
+        if len(kept):
+            np.testing.assert_allclose(moments[i], block_moments(kept), rtol=1e-12, atol=1e-9, err_msg=f"block {i}")
+        else:  # a block after the train split: recorded (done) with no values
+            assert (moments[i, :, 0] == 0).all()
+    assert 0 < train.sum() < len(train)
 
 
 def test_changed_config_or_source_is_refused_naming_the_change(tmp_path, built):
