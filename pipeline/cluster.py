@@ -74,6 +74,7 @@ class BuildWorkerSetup(WorkerPlugin):
     and freed block memory kept for the next block (`keep_freed_memory`)."""
 
     name = "topoflow-build-worker"
+    idempotent = True  # registered once per scheduler: a later build on it skips the round trip to every worker
 
     def setup(self, worker) -> None:  # noqa: ANN001 - distributed passes its Worker
         numcodecs.blosc.use_threads = False
