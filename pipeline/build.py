@@ -182,11 +182,11 @@ def build_block(sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path
     """One build task: read the block's sources once, write every time output, the block's change frames and
     its train moments.
 
-    The task records the block itself, instead of returning its moments for the main process to write: the
-    main process then fetches nothing from the workers (it only talks to the scheduler, which a login node
-    behind a firewall may need) and does no work per block beyond the progress bar. Measured on 2 worker
-    processes, 20 blocks: the main process used 0.16 CPU-s during load (gathering each result from its worker
-    and writing it), time taken from the workers on a 2-core machine."""
+    The task records the block itself, instead of returning its moments for the main process to write: no
+    result travels back (each was a fetch through the scheduler from the worker holding it), a block is
+    recorded even if the main process dies before it hears of it, and the main process and the scheduler
+    in it do no work per block beyond the progress bar. Measured on 2 worker processes, 20 blocks: the
+    main process's CPU during load 0.15 -> 0.09 s, time it took from the workers on a 2-core machine."""
     times = sources.data.times().values[start:stop]
     fields, valid = _read(sources, times)
     layers = layer_moments(fields)

@@ -285,8 +285,8 @@ def test_resume_after_failure_equals_uninterrupted(tmp_path, built, monkeypatch)
 
 
 def test_each_block_task_records_its_own_moments_and_the_main_process_fetches_nothing(tmp_path, monkeypatch):
-    """The main process only counts finished futures: a worker's result fetched over the network would
-    need a connection from it to every worker (a login node behind a firewall may have none)."""
+    """The main process only counts finished futures: a block is recorded by the task that wrote it, and no
+    result travels back through the scheduler."""
     cfg = in_process(tmp_path)
     monkeypatch.setattr(Future, "result", lambda *a, **k: pytest.fail("the main process fetched a block's result"))
     monkeypatch.setattr(build, "finalise", lambda *a, **k: None)  # keep the progress group to look at
