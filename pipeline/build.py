@@ -178,7 +178,7 @@ def write_regions(path: str, block: Block, plan: ChangePlan, start: int, moments
         arrays[MOMENTS][start // plan.block] = moments
 
 
-def build_block(sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path: str, start: int, stop: int) -> None:
+def build_block(start: int, stop: int, sources: SourcePlan, record: StoreRecord, plan: ChangePlan, path: str) -> None:
     """One build task: read the block's sources once, write every time output, the block's change frames and
     its train moments.
 
@@ -213,7 +213,7 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePl
          scheduler_file: Path | None, progress: bool) -> None:
     """Run the build task of every block not yet done (each records itself: `build_block`).
 
-    One future per block (`client.submit`), not one dask graph (`map_blocks`, `to_zarr(compute=False)`): the
+    One future per block (`client.map`: one message to the scheduler for all), not one dask graph (`map_blocks`, `to_zarr(compute=False)`): the
     block task already reads, computes and writes everything of its block, so a graph would add nothing
     but a reduction of the moments, and with futures this process counts each block as it finishes,
     reports the earliest failing block and cancels the later ones.
@@ -226,9 +226,12 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePl
     errors: dict[int, BaseException] = {}
     plan = change_plan(record, cfg)
     with dask_client(cfg.build, scheduler, scheduler_file) as client:
-        shared = [client.submit(_task_argument, arg, pure=False) for arg in (sources, record, plan)]
-        futures = {client.submit(build_block, *shared, str(path), i * chunk, min((i + 1) * chunk, n_times),
-                                 key=f"build-block-{i}-{os.getpid()}", pure=False): i for i in todo}
+        sources_f, record_f, plan_f = (client.submit(_task_argument, arg, pure=False) for arg in (sources, record, plan))
+        starts = [i * chunk for i in todo]
+        blocks = client.map(build_block, starts, [min(start + chunk, n_times) for start in starts],
+                            key=[f"build-block-{i}-{os.getpid()}" for i in todo], pure=False,
+                            sources=sources_f, record=record_f, plan=plan_f, path=str(path))
+        futures = dict(zip(blocks, todo))
         with progress_bar(n_blocks, initial=n_blocks - len(todo), unit="block", desc="build", log=log,
                           enabled=progress) as bar:
             for future in as_completed(list(futures)):
