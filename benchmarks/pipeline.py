@@ -12,7 +12,8 @@ inside the script, in a scratch folder on the memory filesystem (/dev/shm) when 
   repeated with both outputs on disk (the temp folder), reported apart (`outputs_on_disk`): there the
   kernel's file creation and page-cache work dominate, and on this VM vary up to 2x between repeats.
 - workers: the same build on LocalClusters of 1 process x 1 thread, 2 processes x 1 thread and 1 process
-  x 2 threads (all started before the first run, runs interleaved), and the first two again over
+  x 2 threads (each run on a cluster of its own, warmed by an untimed build; runs interleaved), and the
+  first two again over
   `--long-steps` (60 days). Goal: 2 processes >= 1.7x faster than 1. Threads share one process's HDF5 lock
   and GIL, so they are expected to gain less. A build has a fixed part that one process does while the
   workers wait (source checks, template, statistics: ~0.2 s, measured with Dask's task stream), which is
@@ -34,7 +35,6 @@ Usage: .venv/bin/python -m benchmarks.pipeline [--steps 480] [--long-steps 1440]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import shutil
@@ -251,30 +251,42 @@ def time_outputs_on_disk(cfg: PipelineConfig, repeats: int) -> dict:
     return {"outputs_on_disk": {k: runs[k] for k in keep}}
 
 
-def interleaved_builds(runs: dict[str, tuple[PipelineConfig, int, int]], repeats: int) -> dict[str, list[float]]:
-    """Build times per named run (config, worker processes, threads each), one cluster per layout of processes
-    and threads, every cluster started before the first run and the runs interleaved, so a slow spell of a
-    shared machine hits all of them alike."""
+def build_on_own_cluster(cfg: PipelineConfig, processes: int, threads: int, warm: PipelineConfig) -> float:
+    """Seconds of cfg's build on a LocalCluster of `processes` x `threads` started for it alone, after an untimed
+    build of `warm` (2 blocks per process) on it, so every worker has paid its first block.
+
+    One cluster at a time: idle LocalClusters kept alongside (to interleave layouts on running clusters) took
+    18% of a core here with three of them (nannies, schedulers and workers polling: 7% for one), time the
+    2-process runs needed and the 1-process runs did not. A worker's first block took ~0.5 s more."""
+    layout = {"n_workers": processes, "threads_per_worker": threads, "processes": True}
+    with dask_client(cfg.build.model_copy(update=layout)) as client:
+        timed_build(warm, warmed(client))
+        shutil.rmtree(warm.data.store, ignore_errors=True)
+        return timed_build(cfg, client)
+
+
+def interleaved_builds(runs: dict[str, tuple[PipelineConfig, int, int]], repeats: int, overrides: list[str]
+                       ) -> dict[str, list[float]]:
+    """Build times per named run (config, worker processes, threads each), each on a cluster of its own
+    (`build_on_own_cluster`), the runs interleaved, so a slow spell of a shared machine hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    with contextlib.ExitStack() as stack:
-        clients = {(processes, threads): warmed(stack.enter_context(dask_client(cfg.build.model_copy(
-            update={"n_workers": processes, "threads_per_worker": threads, "processes": True}))))
-            for cfg, processes, threads in runs.values()}
-        for r in range(repeats):
-            for name, (cfg, processes, threads) in runs.items():
-                times[name].append(timed_build(cfg, clients[processes, threads]))
-            print(f"repeat {r}: " + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()))
+    warm = {processes: bench_config(Path(cfg.data.store).parent, 2 * processes * cfg.build.time_chunk, overrides,
+                                    f"warm{processes}") for cfg, processes, _ in runs.values()}
+    for r in range(repeats):
+        for name, (cfg, processes, threads) in runs.items():
+            times[name].append(build_on_own_cluster(cfg, processes, threads, warm[processes]))
+        print(f"repeat {r}: " + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()))
     return times
 
 
-def time_workers(cfg: PipelineConfig, long: PipelineConfig, repeats: int) -> dict:
+def time_workers(cfg: PipelineConfig, long: PipelineConfig, repeats: int, overrides: list[str]) -> dict:
     """Speed-up of the build with 2 worker processes, and with 2 threads in one process, over 1 x 1, on cfg's
     period; and of 2 processes on the longer period of `long`, where the fixed part of a build (source checks,
     template, statistics: ~0.2 s on one process whatever the workers) weighs less, as in real builds."""
     layouts = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2)}  # processes x threads
     runs = {name: (cfg, p, t) for name, (p, t) in layouts.items()}
     runs |= {f"{name} long": (long, p, t) for name, (p, t) in layouts.items() if t == 1}
-    times = interleaved_builds(runs, repeats)
+    times = interleaved_builds(runs, repeats, overrides)
     shutil.rmtree(long.data.store, ignore_errors=True)
     median = {name: statistics.median(t) for name, t in times.items()}
     return {"workers_s": times, "workers_steps": {"short": len(cfg.data.times()), "long": len(long.data.times())},
@@ -286,7 +298,7 @@ def time_weak_scaling(workdir: Path, steps_per_process: int, overrides: list[str
     """1, 2 and 4 worker processes on proportionally longer periods of the same source file."""
     counts = (1, 2, 4)
     runs = {f"{n}p": (bench_config(workdir, n * steps_per_process, overrides, f"weak{n}"), n, 1) for n in counts}
-    times = interleaved_builds(runs, repeats)
+    times = interleaved_builds(runs, repeats, overrides)
     base = statistics.median(times["1p"])
     rows = [{"processes": n, "steps": n * steps_per_process, "build_s": statistics.median(times[f"{n}p"]),
              "efficiency": base / statistics.median(times[f"{n}p"])} for n in counts]
@@ -365,7 +377,7 @@ def main() -> None:
               "repeats": args.repeats, **time_build_and_copy(cfg, workdir, args.repeats),
               "schema2_layout_mb": round(schema2_fields_mb(cfg, workdir), 1),
               **time_outputs_on_disk(cfg, args.repeats),
-              **time_workers(cfg, long, args.repeats),
+              **time_workers(cfg, long, args.repeats, args.overrides),
               **time_weak_scaling(workdir, args.weak_steps, args.overrides, args.repeats),
               **time_scan(cfg, src, args.repeats, args.loop_steps)}
     save_result("pipeline", result)
