@@ -62,6 +62,7 @@ def bench_config(workdir: Path, steps: int, overrides: list[str], name: str = "f
     """The reference grid of configs/topoflow_china.yaml (128x256, patch 2, 32x32 regions, its build
     settings) over the first `steps` hours, reading one prepared file in workdir (the tests' prepared-file
     recipe), building workdir/NAME.zarr."""
+    workdir.mkdir(parents=True, exist_ok=True)
     china = read_yaml(REPO / "configs" / "topoflow_china.yaml")
     raw = tiny_raw_config(workdir)
     raw["data"]["store"] = str(workdir / f"{name}.zarr")
@@ -270,8 +271,9 @@ def interleaved_builds(runs: dict[str, tuple[PipelineConfig, int, int]], repeats
     """Build times per named run (config, worker processes, threads each), each on a cluster of its own
     (`build_on_own_cluster`), the runs interleaved, so a slow spell of a shared machine hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    warm = {processes: bench_config(Path(cfg.data.store).parent, 2 * processes * cfg.build.time_chunk, overrides,
-                                    f"warm{processes}") for cfg, processes, _ in runs.values()}
+    warm = {processes: bench_config(Path(cfg.data.store).parent, min(2 * processes * cfg.build.time_chunk,
+                                                                     len(cfg.data.times())), overrides, f"warm{processes}")
+            for cfg, processes, _ in runs.values()}
     for r in range(repeats):
         for name, (cfg, processes, threads) in runs.items():
             times[name].append(build_on_own_cluster(cfg, processes, threads, warm[processes]))
