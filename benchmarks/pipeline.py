@@ -13,11 +13,10 @@ inside the script, in a scratch folder on the memory filesystem (/dev/shm) when 
   kernel's file creation and page-cache work dominate, and on this VM vary up to 2x between repeats.
 - workers: the same build on LocalClusters of 1 process x 1 thread, 2 processes x 1 thread and 1 process
   x 2 threads (each run on a cluster of its own, warmed by an untimed build; runs interleaved), and the
-  first two again over
-  `--long-steps` (60 days). Goal: 2 processes >= 1.7x faster than 1. Threads share one process's HDF5 lock
-  and GIL, so they are expected to gain less. A build has a fixed part that one process does while the
-  workers wait (source checks, template, statistics: ~0.2 s, measured with Dask's task stream), which is
-  ~12% of a 20-day build on 1 process and ~4% of a 60-day one.
+  first two again over `--long-steps` (60 days). Goal: 2 processes >= 1.7x faster than 1. Threads share
+  one process's HDF5 lock and GIL, so they are expected to gain less. A build has a fixed part that one
+  process does while the workers wait (source checks, template, statistics: ~0.2 s, measured with Dask's
+  task stream), which is ~10% of a 20-day build on 1 process and ~4% of a 60-day one.
 - weak scaling: 1, 2 and 4 worker processes on 1x, 2x and 4x `--weak-steps` steps (120/240/480 by
   default); efficiency = time(1 process) / time(N processes), 1.0 is perfect. With more processes than
   cores (this machine has 2) the table shows the cost of oversubscription, not scaling.
@@ -271,8 +270,9 @@ def interleaved_builds(runs: dict[str, tuple[PipelineConfig, int, int]], repeats
     """Build times per named run (config, worker processes, threads each), each on a cluster of its own
     (`build_on_own_cluster`), the runs interleaved, so a slow spell of a shared machine hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    warm = {processes: bench_config(Path(cfg.data.store).parent, min(2 * processes * cfg.build.time_chunk,
-                                                                     len(cfg.data.times())), overrides, f"warm{processes}")
+    warm_steps = {processes: min(2 * processes * cfg.build.time_chunk, len(cfg.data.times()))
+                  for cfg, processes, _ in runs.values()}
+    warm = {processes: bench_config(Path(cfg.data.store).parent, warm_steps[processes], overrides, f"warm{processes}")
             for cfg, processes, _ in runs.values()}
     for r in range(repeats):
         for name, (cfg, processes, threads) in runs.items():

@@ -213,10 +213,10 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePl
          scheduler_file: Path | None, progress: bool) -> None:
     """Run the build task of every block not yet done (each records itself: `build_block`).
 
-    One future per block (`client.map`: one message to the scheduler for all), not one dask graph (`map_blocks`, `to_zarr(compute=False)`): the
-    block task already reads, computes and writes everything of its block, so a graph would add nothing
-    but a reduction of the moments, and with futures this process counts each block as it finishes,
-    reports the earliest failing block and cancels the later ones.
+    One future per block (`client.map`: one message to the scheduler for all), not one dask graph
+    (`map_blocks`, `to_zarr(compute=False)`): the block task already reads, computes and writes everything
+    of its block, so a graph would add nothing but a reduction of the moments, and with futures this
+    process counts each block as it finishes, reports the earliest failing block and cancels the later ones.
     """
     moments = zarr.open_group(str(path / PROGRESS_GROUP), mode="r")[MOMENTS][:]
     n_times, chunk, n_blocks = len(cfg.data.times()), cfg.build.time_chunk, len(moments)
@@ -226,7 +226,7 @@ def load(path: Path, record: StoreRecord, cfg: PipelineConfig, sources: SourcePl
     errors: dict[int, BaseException] = {}
     plan = change_plan(record, cfg)
     with dask_client(cfg.build, scheduler, scheduler_file) as client:
-        sources_f, record_f, plan_f = (client.submit(_task_argument, arg, pure=False) for arg in (sources, record, plan))
+        sources_f, record_f, plan_f = (client.submit(_task_argument, a, pure=False) for a in (sources, record, plan))
         starts = [i * chunk for i in todo]
         blocks = client.map(build_block, starts, [min(start + chunk, n_times) for start in starts],
                             key=[f"build-block-{i}-{os.getpid()}" for i in todo], pure=False,

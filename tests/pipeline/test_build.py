@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import xarray as xr
 import zarr
-
 from distributed import Future
 
 from pipeline import build
@@ -295,7 +294,8 @@ def test_each_block_task_records_its_own_moments_and_the_main_process_fetches_no
     moments = zarr.open_group(str(partial / PROGRESS_GROUP))[build.MOMENTS][:]
     assert build.finished_blocks(moments).all()
     ds, record = xr.open_zarr(partial, consolidated=False), read_record(partial)
-    train = ds["time"].values <= np.datetime64(record.splits["train"].end)
+    split, times = record.splits["train"], ds["time"].values
+    train = (times >= np.datetime64(split.start)) & (times <= np.datetime64(split.end))
     fields = ds["fields"].values
     for i, start in enumerate(range(0, ds.sizes["time"], cfg.build.time_chunk)):
         kept = fields[start:start + cfg.build.time_chunk][train[start:start + cfg.build.time_chunk]]
