@@ -306,6 +306,21 @@ def test_failed_resubmission_is_logged_once(local_slurm, caplog):
     assert "QOSMaxSubmitJobPerUserLimit" in warnings[0]
 
 
+@pytest.mark.timeout(60)
+def test_the_builds_own_local_cluster_polls_less_and_leaves_the_users_dask_config_alone():
+    users = dask.config.get("distributed")
+    with dask_client(BuildConfig(n_workers=1, threads_per_worker=1, processes=True)) as client:
+        # each server's periodic checks and how often they run (ms); lambdas travel by value to the worker
+        worker = next(iter(client.run(lambda dask_worker: {
+            name: pc.callback_time for name, pc in dask_worker.periodic_callbacks.items()}).values()))
+        scheduler = client.run_on_scheduler(lambda dask_scheduler: {
+            name: pc.callback_time for name, pc in dask_scheduler.periodic_callbacks.items()})
+    assert "profile" not in worker, "no dashboard reads the workers' 10 ms stack samples"
+    assert worker["tick"] == scheduler["tick"] == 1000
+    assert worker["memory_monitor"] == 1000 and worker["monitor"] == scheduler["monitor"] == 2000
+    assert dask.config.get("distributed") == users
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, Linux's per-thread fault counts")
 def test_workers_keep_freed_block_memory_instead_of_faulting_it_in_again():
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}  # as distributed starts workers
