@@ -10,6 +10,10 @@ block (`keep_freed_memory`): by default glibc hands arrays over 32 MiB (a 24-ste
 next block faults every page in afresh. Measured on a 480-step 128x256 build on 2 workers: 11,000 -> 1,100
 page faults per block, kernel time 2.45 -> 1.57 s, build / plain copy 1.46x -> 1.11x (one run, side by side).
 
+The build's own LocalCluster runs without Dask's dashboard-only polling (`QUIET_LOCAL_CLUSTER`). SLURM
+clusters keep Dask's settings: their scheduler serves a dashboard (dask-jobqueue's default :8787, where
+bokeh is installed). So do existing schedulers, which are the user's.
+
 On SLURM a build never waits forever for workers that will not come: a failed sbatch is reported at
 once with SLURM's answer and the job script, and no worker within `build.slurm.wait_timeout_s` is an
 error too. A job whose workers all left (worker_lifetime reached, walltime) is resubmitted, so the
@@ -56,6 +60,7 @@ POLL_S = 0.5  # how often the wait for the first SLURM worker looks for failed s
 QUIET_LOCAL_CLUSTER = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
                        "distributed.worker.memory.monitor-interval": "1s",
                        "distributed.admin.system-monitor.interval": "2s"}
+
 KEPT_FREED_BYTES = 256 << 20  # glibc keeps up to this much freed memory per arena, and mmaps only larger arrays
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
