@@ -191,9 +191,7 @@ def raw_tar(shards: Path, names: list[str], n_samples: int) -> float:
 def xarray_random(cfg: PipelineConfig, n: int, seed: int) -> float:
     """Samples/s with open_zarr + isel per sample in random order (inputs, targets, orders, wind)."""
     ds, _ = open_features(cfg.data.store)
-    period = cfg.data.splits["train"]
-    times = ds.time.values
-    index = np.nonzero((times >= np.datetime64(period.start)) & (times <= np.datetime64(period.end)))[0]
+    index = np.nonzero(cfg.data.splits["train"].covers(ds.time.values))[0]
     steps = lead_steps(cfg.data.leads_h, cfg.data.step_hours)
     tvars = list(cfg.data.targets)
     order = np.random.default_rng(seed).permutation(index[: len(index) - max(steps)])[:n]

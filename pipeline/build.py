@@ -6,9 +6,9 @@ init / load / finalise), after every source was checked (`pipeline.sources.descr
   partial build either exists whole or not at all.
 - load: one Dask task per time block (= one Zarr chunk) reads each source variable once (regridded,
   aligned in time, derived, converted: `pipeline.sources.read_block`), computes
-  every time output of the feature table, writes them with Zarr region writes and returns the
-  block's train moments; the main process records each finished block, so a killed build resumes
-  where it stopped.
+  every time output of the feature table, writes them with Zarr region writes, and last records the
+  block's train moments in the progress group (`build_block`), so a killed build resumes where it
+  stopped.
 - finalise: merge the moments into statistics, compute the per-lead change spread of the targets,
   complete the record, drop the progress group, consolidate, and rename to `<store>`: a store at the
   final path is always finished.
@@ -96,8 +96,8 @@ def differences(old: StoreRecord, new: StoreRecord, cfg: PipelineConfig) -> list
 def change_plan(record: StoreRecord, cfg: PipelineConfig) -> ChangePlan:
     """The frames behind the change spread: a pure function of the record (gaps, train split, leads)."""
     times, train = cfg.data.times(), record.splits["train"]
-    usable = ~times.isin(pd.DatetimeIndex(record.missing_times)) & (times >= train.start) & (times <= train.end)
-    return ChangePlan.create(np.asarray(usable), [lead // record.step_hours for lead in record.leads_h],
+    usable = ~times.isin(pd.DatetimeIndex(record.missing_times)) & train.covers(times)
+    return ChangePlan.create(usable, [lead // record.step_hours for lead in record.leads_h],
                              record.layout.grid, cfg.build.time_chunk)
 
 
@@ -192,8 +192,7 @@ def build_block(start: int, stop: int, sources: SourcePlan, record: StoreRecord,
     layers = layer_moments(fields)
     names = [f"{v.name!r} (from {v.recipe_name!r})" for v in sources.data.variables if v.kind == "dynamic"]
     check_finite(layers[valid, :, 0] == np.prod(fields.shape[2:]), names, times[valid])
-    train = record.splits["train"]
-    in_train = valid & (times >= np.datetime64(train.start)) & (times <= np.datetime64(train.end))
+    in_train = valid & record.splits["train"].covers(times)
     write_regions(path, Block(record, fields, valid), plan, start, pool_moments(layers[in_train]))
 
 

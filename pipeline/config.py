@@ -81,6 +81,11 @@ class TimeRange(Strict):
             raise ValueError(f"time range end {self.end} is before start {self.start}")
         return self
 
+    def covers(self, times: np.ndarray | pd.DatetimeIndex) -> np.ndarray:
+        """Boolean mask of the `times` (datetime64) inside [start, end], both ends included."""
+        times = np.asarray(times, dtype="datetime64[ns]")
+        return (times >= np.datetime64(self.start)) & (times <= np.datetime64(self.end))
+
 
 class SampleConfig(Strict):
     """The embedded sample written by `python -m pipeline sample` over data.period: ERA5-like and

@@ -95,8 +95,7 @@ class _Rows:
 
 def split_index(time: np.ndarray, record: StoreRecord, split: str) -> np.ndarray:
     """Store indices of a split's time steps (sorted)."""
-    period = record.splits[split]
-    return np.nonzero((time >= np.datetime64(period.start)) & (time <= np.datetime64(period.end)))[0]
+    return np.nonzero(record.splits[split].covers(time))[0]
 
 
 def _frame(split: str, position: int, time: np.datetime64, row: np.ndarray, per_time: dict[str, np.ndarray],

@@ -22,7 +22,7 @@ from distributed import Future
 from pipeline import build
 from pipeline.build import build_features
 from pipeline.cluster import slurm_cluster
-from pipeline.config import PipelineConfig, SlurmConfig, load_pipeline_config
+from pipeline.config import PipelineConfig, SlurmConfig, TimeRange, load_pipeline_config
 from pipeline.features import OUTPUTS
 from pipeline.scan import scan_orders
 from pipeline.sources import files
@@ -184,6 +184,16 @@ def test_change_spread_is_recorded_and_matches_numpy(built):
         want = (fields[k:] - fields[:-k]).std(axis=(0, 2, 3))
         np.testing.assert_allclose(record.change_std[li], want, rtol=1e-9)
         assert record.change_pairs[li] == len(idx) - k
+
+
+@given(st.integers(0, 60), st.integers(0, 60), st.sampled_from(["h", "s", "ns"]))
+def test_a_time_range_covers_its_ends_and_nothing_outside(first, length, unit):
+    hours = pd.date_range("2016-01-01", periods=130, freq="h")
+    period = TimeRange(start=hours[first].to_pydatetime(), end=hours[first + length].to_pydatetime())
+    expected = [period.start <= t <= period.end for t in hours.to_pydatetime()]
+    assert period.covers(hours.values.astype(f"datetime64[{unit}]")).tolist() == expected
+    assert period.covers(hours).tolist() == expected
+    assert period.covers(hours.values).sum() == length + 1
 
 
 def test_change_plan_samples_inputs_thins_cells_and_skips_unusable_targets():
